@@ -1,0 +1,34 @@
+"""Config presets, profiles, YAML and command-line overrides, and the messages for bad keys."""
+import pytest
+
+from transfgu_dist.config import ConfigError, dump_yaml, load_config
+
+
+def test_preset_profile_and_overrides(tmp_path):
+    cfg = load_config(preset="cocostuff27")
+    assert (cfg.cluster.k_fg, cfg.cluster.k_bg, cfg.n_concepts, cfg.n_outputs) == (12, 15, 27, 27)
+    assert cfg.profile == "reference" and cfg.pseudo.similarity == "cosine" and cfg.pseudo.loss_scale == 1 / 8
+    paper = load_config(preset="cocostuff27", profile="paper")
+    assert paper.pseudo.similarity == "dot" and paper.decoder.mask_head == "scaled_dot" and paper.loss.alpha_step == 0
+    voc = load_config(preset="voc", overrides=["loss.t_bg=0.2", "train.round_epochs=[1, 1]"])
+    assert voc.n_outputs == 21 and voc.loss.t_bg == 0.2 and voc.train.round_epochs == (1, 1)
+    assert voc.crops.betas == (0.6, 0.5, 0.4, 0.3)
+    f = tmp_path / "run.yaml"
+    f.write_text(dump_yaml(voc))
+    again = load_config(f)
+    assert again == voc
+
+
+def test_bad_keys_are_named(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'train.learning_rate'"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"command line: key 'train.lr': expected float"):
+        load_config(overrides=["train.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown preset 'coco'"):
+        load_config(preset="coco")
+    with pytest.raises(ConfigError, match=r"key 'decoder.mask_head' = 'dot'"):
+        load_config(overrides=["decoder.mask_head=dot"])
+    with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")

@@ -1,0 +1,117 @@
+"""Evaluation stage on a real local Ray: a random decoder scored on tiny synthetic scenes."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from transfgu_dist import synthetic
+from transfgu_dist.config import Config, load_config
+from transfgu_dist.decoder import MaskTransformer
+from transfgu_dist.encoder import ARCHS
+from transfgu_dist.stages import evaluate
+from transfgu_dist.stages.evaluate import CheckpointError, class_names, load_decoder, run_evaluate
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Six synthetic val scenes plus one unreadable image (sorted last, so not an overlay)."""
+    root = tmp_path_factory.mktemp("data")
+    synthetic.write_dataset(root, n_train=0, n_val=6, size=(SIZE, SIZE))
+    (root / "images" / "val" / "zzz_broken.png").write_bytes(b"not a png")
+    return root
+
+
+def make_config(output: Path, data: Path, *extra: str) -> Config:
+    return load_config(overrides=[f"output={output}", f"data.root={data}", f"eval.image_size=[{SIZE}, {SIZE}]",
+                                  "eval.batch_size=4", "eval.n_overlays=2", *extra])
+
+
+def save_checkpoint(cfg: Config, path: Path, **override) -> str:
+    """A randomly initialised decoder in the bootstrap stage's checkpoint format."""
+    decoder = MaskTransformer(ARCHS[cfg.encoder.arch][1], cfg.n_outputs, cfg.decoder)
+    ckpt = {"decoder": decoder.state_dict(), "n_outputs": cfg.n_outputs,
+            "encoder": dataclasses.asdict(cfg.encoder), "round": 0, **override}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def open_png(path: Path) -> Image.Image:
+    img = Image.open(io.BytesIO(path.read_bytes()))
+    img.load()
+    return img
+
+
+def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypatch):
+    cfg = make_config(tmp_path / "run", data_dir)
+    ckpt = save_checkpoint(cfg, tmp_path / "run" / "bootstrap" / "final.pt")
+    metrics = run_evaluate(cfg)
+
+    out = tmp_path / "run" / "evaluate"
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
+    assert metrics["n_images"] == 6 and metrics["bad_images"] == ["zzz_broken"] and metrics["n_bad_images"] == 1
+    assert list(metrics["per_class_iou"]) == list(synthetic.CLASS_NAMES)
+    assert len(metrics["matching"]) == cfg.n_outputs and metrics["checkpoint"] == ckpt
+    assert open_png(out / "confusion.png").format == "PNG" and open_png(out / "per_class_iou.png").format == "PNG"
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["000000.png", "000001.png"]
+    assert open_png(out / "overlays" / "000000.png").size == (3 * SIZE, SIZE)
+    manifest = json.loads((out / "_SUCCESS.json").read_text())
+    assert manifest["metrics"] == metrics and "metrics.json" in manifest["parts"]
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("a committed stage must not be recomputed")
+    monkeypatch.setattr(evaluate, "list_samples", recompute)
+    monkeypatch.setattr(evaluate, "load_decoder", recompute)
+    assert run_evaluate(cfg) == metrics
+
+
+@pytest.mark.parametrize("bad", [
+    lambda cfg, ckpt: ckpt["decoder"],                                    # a plain state dict
+    lambda cfg, ckpt: {**ckpt, "n_outputs": cfg.n_outputs + 1},           # wrong number of clusters
+    lambda cfg, ckpt: {**ckpt, "encoder": {"arch": "vit_small_patch8"}},  # trained on another encoder
+])
+def test_wrong_checkpoint_names_the_file(tmp_path, data_dir, bad):
+    cfg = make_config(tmp_path / "run", data_dir)
+    good = save_checkpoint(cfg, tmp_path / "good.pt")
+    path = tmp_path / "wrong.pt"
+    torch.save(bad(cfg, torch.load(good, weights_only=True)), path)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        load_decoder(str(path), cfg)
+    with pytest.raises(CheckpointError, match="expected a bootstrap checkpoint"):
+        run_evaluate(cfg, str(path))  # fails on the driver, before any Ray work
+
+
+def test_decoder_weights_must_fit(tmp_path, data_dir):
+    cfg = make_config(tmp_path, data_dir)
+    path = save_checkpoint(make_config(tmp_path, data_dir, "decoder.n_layers=1"), tmp_path / "shallow.pt")
+    with pytest.raises(CheckpointError, match="decoder weights do not fit"):
+        load_decoder(path, cfg)
+
+
+def test_class_names(tmp_path):
+    assert class_names(load_config()) == list(synthetic.CLASS_NAMES)
+    folder = load_config(overrides=["data.layout=folder", f"data.root={tmp_path}", "data.n_classes=2"])
+    assert class_names(folder) == ["class_0", "class_1"]
+    (tmp_path / "classes.txt").write_text("sky\ngrass\n")
+    assert class_names(folder) == ["sky", "grass"]
+    (tmp_path / "classes.txt").write_text("sky\n")
+    with pytest.raises(ValueError, match="1 class names, but data.n_classes = 2"):
+        class_names(folder)

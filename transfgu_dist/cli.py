@@ -1,0 +1,101 @@
+"""Command line shared by the jobs: config loading, Ray start-up, and running stages in order with resume."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from transfgu_dist import storage
+from transfgu_dist.config import Config, ConfigError, dump_yaml, load_config, to_dict
+from transfgu_dist.datasets import ensure_synthetic
+from transfgu_dist.encoder import resolve_encoder
+
+log = logging.getLogger("transfgu_dist")
+
+# Config sections each stage's committed output depends on (a rerun with other values would mix results).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "extract": ("data", "encoder", "crops"),
+    "cluster": ("cluster",),
+    "pseudo_label": ("pseudo",),
+    "bootstrap": ("decoder", "loss", "train"),
+    "evaluate": ("eval",),
+}
+
+
+def _stage(name: str) -> Callable[[Config], Any]:
+    """The stage's run function (imported lazily: `--help` stays fast)."""
+    from transfgu_dist.stages import bootstrap, cluster, evaluate, extract, pseudo_label
+
+    return {"extract": extract.run_extract, "cluster": cluster.run_cluster, "pseudo_label": pseudo_label.run_pseudo_label,
+            "bootstrap": bootstrap.run_bootstrap, "evaluate": evaluate.run_evaluate}[name]
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Overrides are section.key=value, e.g. train.lr=2e-4 cluster.k_fg=12.")
+    parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config.py)")
+    parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
+    parser.add_argument("--profile", choices=("reference", "paper"), help="reference (default) or paper")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> Config:
+    """Load the config, make local outputs absolute (Ray workers run elsewhere), check the output folder."""
+    cfg = load_config(args.config, args.overrides, preset=args.preset, profile=args.profile)
+    if "://" not in cfg.output:
+        cfg.output = os.path.abspath(cfg.output)
+    if cfg.data.root and "://" not in cfg.data.root:
+        cfg.data.root = os.path.abspath(cfg.data.root)
+    cfg.encoder = resolve_encoder(cfg.encoder)
+    return cfg
+
+
+def check_output(cfg: Config, stages: Sequence[str]) -> None:
+    """Refuse to resume into an output folder whose committed stages were made with other settings."""
+    uri = storage.join(cfg.output, "config.yaml")
+    if storage.exists(uri):
+        import yaml
+
+        old, new = yaml.safe_load(storage.read_bytes(uri)), to_dict(cfg)
+        changed = [f"{section}.{k}" for stage in stages for section in STAGE_INPUTS[stage]
+                   for k in new[section] if old.get(section, {}).get(k) != new[section][k]
+                   and storage.exists(storage.join(cfg.output, _dir(stage), "_SUCCESS.json"))]
+        if changed:
+            raise ConfigError(f"{cfg.output} holds committed results made with other settings ({', '.join(changed)}); "
+                              f"use another output= or delete the stages to redo")
+    storage.write_bytes(uri, dump_yaml(cfg).encode())
+
+
+def _dir(stage: str) -> str:
+    return {"extract": "features", "cluster": "concepts", "pseudo_label": "bank"}.get(stage, stage)
+
+
+def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(description, argv)
+    cfg = prepare(args)
+    from transfgu_dist.stages.common import init_ray
+
+    init_ray(args.address)
+    ensure_synthetic(cfg)
+    check_output(cfg, stages)
+    results, timings = {}, {}
+    for name in stages:
+        start = time.perf_counter()
+        log.info("stage %s: starting (output %s)", name, cfg.output)
+        results[name] = _stage(name)(cfg)
+        timings[name] = round(time.perf_counter() - start, 1)
+        log.info("stage %s: done in %.1f s", name, timings[name])
+    print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    if "evaluate" in results:
+        m = results["evaluate"]
+        print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
+              f"({m['n_images']} val images)")
+    print(f"outputs: {cfg.output}")
+    return {"config": cfg, "results": results, "timings": timings}

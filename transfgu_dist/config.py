@@ -1,0 +1,318 @@
+"""Typed configuration: dataclasses, dataset presets, the `paper`/`reference` profiles, YAML and CLI overrides.
+
+Precedence: preset defaults < profile < YAML file < command-line `section.key=value` overrides.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file is wrong; the message names where."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images live and how their labels read (labels only used for evaluation)."""
+    layout: str = "synthetic"            # synthetic | folder | cocostuff | voc | cityscapes | lip
+    root: str = ""                       # local path or s3:// URI; "" = generate synthetic scenes under the output
+    train_split: str = "train"
+    val_split: str = "val"
+    n_classes: int = 8                   # ground-truth classes scored at evaluation
+    limit: int | None = None             # use only the first N images of each split (smoke runs)
+    synthetic_train: int = 48
+    synthetic_val: int = 16
+    synthetic_size: int = 128
+
+
+@dataclass
+class EncoderConfig:
+    """Frozen DINO ViT (paper sec 3.1, 4.2)."""
+    arch: str = "vit_small_patch8"       # vit_small_patch8 | vit_small_patch16 | vit_base_patch8 | vit_base_patch16 | vit_tiny_test
+    weights: str = "timm"                # "timm" (vit_*.dino from timm), a DINO .pth path or s3:// URI, or "random"
+    random_fallback: bool = False        # demo only: fall back to random weights (loudly) when none can be loaded
+
+
+@dataclass
+class CropConfig:
+    """Sliding-window crops with the foreground prior (sec 3.2, 4.2)."""
+    betas: tuple[float, ...] = (0.5, 0.4, 0.3, 0.2)
+    image_size: tuple[int, int] = (640, 640)   # full image resized to this before cropping
+    crop_size: int = 320                       # every crop resized to this square (paper: min(H,W)/2)
+    prior: str = "attention"                   # attention | none (Cityscapes) | all_fg (LIP)
+    fg_min: float = 0.5
+    bg_min: float = 0.8
+    batch_size: int = 64                       # crops per encoder batch
+    images_per_task: int = 4                   # images per Ray Data batch in the crop step
+
+
+@dataclass
+class ClusterConfig:
+    """K-means of crop CLS features into K = k_fg + k_bg concepts (sec 3.2)."""
+    k_fg: int = 4
+    k_bg: int = 4
+    niter: int = 100
+    seed: int = 1
+    max_points_per_centroid: int | None = None  # None: use every point (FAISS would subsample to 256/centroid)
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Grad-CAM pseudo labels (Eqs 5-8)."""
+    image_size: tuple[int, int] = (320, 320)
+    similarity: str = "cosine"          # dot: x S^T / sqrt(d) (Eq. 5) | cosine (reference)
+    response: str = "reference"         # paper: M = dSim/dA + A (Eq. 7) | reference: max-normalised A + top-mass rectified gradient
+    loss_scale: float = 1.0             # reference: 1/N of its Grad-CAM batch (batch-mean loss), e.g. 0.125
+    top_mass: float = 0.8               # reference: keep the gradient on its top 80% mass
+    split_fg_bg: bool = False           # paper sec 4.2: fg pixels get no bg concepts and vice versa
+    batch_size: int = 8
+
+
+@dataclass
+class DecoderConfig:
+    """Segmenter mask transformer (Eq. 2)."""
+    n_layers: int = 2
+    n_heads: int = 6
+    dropout: float = 0.1
+    mask_head: str = "cosine_ln"        # scaled_dot: x'C^T/sqrt(d) (Eq. 2) | cosine_ln (reference)
+
+
+@dataclass
+class LossConfig:
+    """Bootstrapping losses (Eqs 9-16)."""
+    alpha: float = 0.03                 # peer-loss weight (Eq. 13); with alpha_step the start of a schedule
+    alpha_step: float = 0.01            # reference: alpha += step per epoch since the last teacher update
+    alpha_max: float = 0.10
+    omega1: float = 1.0                 # diversity (Eq. 16)
+    omega2: float = 0.3                 # uncertainty (Eq. 16)
+    t_bg: float = 0.1                   # background threshold (Eq. 8)
+    background_channel: bool = False    # things-only presets: prepend ReLU(T_bg - max_k M_k) as channel 0
+    diversity: str = "reference"        # paper: 1 + mean(CC^T)/sqrt(d) | reference: mean over pairs of 1 + cos
+    label_norm: str = "minmax"          # none | minmax (reference: per-crop min-max of the pseudo label)
+    teacher_softmax: bool = True        # reference: Eq. 12 averages softmax(teacher) with the pseudo label
+
+
+@dataclass
+class TrainConfig:
+    """Teacher-student bootstrapping on Ray Train (sec 3.3)."""
+    round_epochs: tuple[int, ...] = (2, 2, 2)  # epochs of round 0 (plain CE on M), 1 (teacher = round 0), ...
+    batch_size: int = 16                        # per worker
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    grad_clip: float = 1.0                      # gradient value clamp
+    reset_optimizer: bool = False               # reference keeps the Adam state across student resets
+    image_size: tuple[int, int] = (320, 320)    # training input before the random crop (crop is resized to half)
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None                 # None: use GPUs when the cluster has them
+    max_failures: int = 2
+    seed: int = 2021
+    per_batch_augment: bool = False             # reference: one photometric draw per batch
+
+
+@dataclass
+class EvalConfig:
+    image_size: tuple[int, int] = (320, 320)
+    batch_size: int = 16
+    n_overlays: int = 8
+
+
+@dataclass
+class Config:
+    preset: str = "synthetic"
+    profile: str = "reference"          # reference | paper
+    output: str = "outputs/synthetic"   # local path or s3:// URI
+    seed: int = 2021
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def n_concepts(self) -> int:
+        return self.cluster.k_fg + self.cluster.k_bg
+
+    @property
+    def n_outputs(self) -> int:
+        """Decoder channels: K concepts, plus the background channel of things-only presets."""
+        return self.n_concepts + int(self.loss.background_channel)
+
+
+# Settings where the authors' code departs from the paper (reference doc sec 11). `reference` is the default.
+PROFILES: dict[str, dict[str, Any]] = {
+    "paper": {
+        "pseudo.similarity": "dot", "pseudo.response": "paper", "pseudo.loss_scale": 1.0, "pseudo.split_fg_bg": True,
+        "decoder.mask_head": "scaled_dot", "loss.alpha_step": 0.0, "loss.diversity": "paper",
+        "loss.label_norm": "none", "loss.teacher_softmax": False,
+    },
+    "reference": {
+        "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.split_fg_bg": False,
+        "decoder.mask_head": "cosine_ln", "loss.alpha_step": 0.01, "loss.diversity": "reference",
+        "loss.label_norm": "minmax", "loss.teacher_softmax": True,
+    },
+}
+
+_COCO = {"data.layout": "cocostuff", "crops.prior": "attention", "pseudo.loss_scale": 1 / 8,
+         "train.batch_size": 256, "train.round_epochs": (2,) * 100}
+PRESETS: dict[str, dict[str, Any]] = {
+    "synthetic": {"encoder.random_fallback": True,
+                  "crops.image_size": (128, 128), "crops.crop_size": 64, "crops.batch_size": 128,
+                  "pseudo.image_size": (128, 128), "train.image_size": (128, 128), "eval.image_size": (128, 128),
+                  "decoder.n_heads": 2, "train.batch_size": 16, "train.lr": 1e-3},
+    "cocostuff27": {**_COCO, "data.n_classes": 27, "cluster.k_fg": 12, "cluster.k_bg": 15},
+    "cocostuff171": {**_COCO, "data.n_classes": 171, "cluster.k_fg": 80, "cluster.k_bg": 91,
+                     "train.round_epochs": (3,) * 66 + (2,)},
+    "coco80": {**_COCO, "data.n_classes": 81, "cluster.k_fg": 80, "cluster.k_bg": 0, "loss.background_channel": True,
+               "train.round_epochs": (3,) * 66 + (2,)},
+    "voc": {"data.layout": "voc", "data.n_classes": 21, "cluster.k_fg": 20, "cluster.k_bg": 0,
+            "crops.betas": (0.6, 0.5, 0.4, 0.3), "loss.background_channel": True, "pseudo.loss_scale": 1 / 8,
+            "train.batch_size": 512, "train.round_epochs": (5,) * 4 + (4,) * 15 + (3,) * 5},
+    "cityscapes27": {"data.layout": "cityscapes", "data.n_classes": 27, "cluster.k_fg": 27, "cluster.k_bg": 0,
+                     "crops.prior": "none", "crops.image_size": (640, 1280), "pseudo.image_size": (320, 640),
+                     "train.image_size": (320, 640), "eval.image_size": (320, 640), "pseudo.loss_scale": 1 / 2,
+                     "train.lr": 5e-5, "train.batch_size": 256, "train.round_epochs": (1,) * 50},
+    **{f"lip{k}": {"data.layout": "lip", "data.n_classes": k + 1, "cluster.k_fg": k, "cluster.k_bg": 0,
+                   "crops.prior": "all_fg", "crops.image_size": (1280, 640), "pseudo.image_size": (640, 320),
+                   "train.image_size": (480, 240) if k < 19 else (640, 320),
+                   "eval.image_size": (480, 240) if k < 19 else (640, 320), "loss.background_channel": True,
+                   "pseudo.loss_scale": 1 / 2, "train.lr": 1e-4 if k == 5 else 2e-5,
+                   "train.batch_size": 512 if k < 19 else 256,
+                   "train.round_epochs": (2,) * 50 if k < 19 else (3,) * 33 + (1,)}
+       for k in (5, 16, 19)},
+}
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert `value` to the annotated type `tp` (str annotations resolved by the caller)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        return tuple(_coerce(v, item, where) for v in value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if tp in (int, str, bool) and not (isinstance(value, tp) and (tp is bool or not isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    target = cfg
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not is_dataclass(target) or p not in {f.name for f in fields(target)}:
+            raise ConfigError(f"{where}: unknown section '{p}' in key '{dotted}'")
+        target = getattr(target, p)
+    hints = typing.get_type_hints(type(target))
+    key = parts[-1]
+    if not is_dataclass(target) or key not in hints or is_dataclass(hints[key]):
+        known = ", ".join(sorted(f.name for f in fields(target))) if is_dataclass(target) else ""
+        raise ConfigError(f"{where}: unknown key '{dotted}' (known keys here: {known})")
+    setattr(target, key, _coerce(value, hints[key], f"{where}: key '{dotted}'"))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                preset: str | None = None, profile: str | None = None) -> Config:
+    """Build a Config: preset < profile < YAML file < `key=value` overrides. The file may name `preset`/`profile`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist (expected a YAML file of config sections)")
+        tree = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
+    cli: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        key, text = item.split("=", 1)
+        cli[key.strip()] = _parse_scalar(text)
+    preset = cli.pop("preset", None) or preset or tree.pop("preset", None) or "synthetic"
+    profile = cli.pop("profile", None) or profile or tree.pop("profile", None) or "reference"
+    tree.pop("preset", None), tree.pop("profile", None)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile '{profile}' (known: {', '.join(PROFILES)})")
+    cfg = Config(preset=preset, profile=profile, output=f"outputs/{preset}")
+    for where, values in ((f"preset {preset}", PRESETS[preset]), (f"profile {profile}", PROFILES[profile]),
+                          (str(path), _flatten(tree)), ("command line", cli)):
+        for key, value in values.items():
+            _set(cfg, key, value, where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks with messages that name the key."""
+    choices = {"crops.prior": ("attention", "none", "all_fg"), "pseudo.similarity": ("dot", "cosine"),
+               "pseudo.response": ("paper", "reference"), "decoder.mask_head": ("scaled_dot", "cosine_ln"),
+               "loss.diversity": ("paper", "reference"), "loss.label_norm": ("none", "minmax")}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"key '{key}' = {value!r}: expected one of {', '.join(allowed)}")
+    if cfg.cluster.k_fg < 1 or cfg.cluster.k_bg < 0:
+        raise ConfigError("keys 'cluster.k_fg' >= 1 and 'cluster.k_bg' >= 0 are required")
+    if cfg.cluster.k_bg > 0 and cfg.crops.prior != "attention":
+        raise ConfigError(f"key 'cluster.k_bg' = {cfg.cluster.k_bg} needs crops.prior = attention "
+                          f"(prior '{cfg.crops.prior}' yields no background crops)")
+    if not cfg.train.round_epochs or min(cfg.train.round_epochs) < 1:
+        raise ConfigError("key 'train.round_epochs' must list at least one round of >= 1 epoch")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), e.g. for YAML dumps and MLflow params."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return {f.name: ({k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+                     if is_dataclass(getattr(cfg, f.name)) else plain(getattr(cfg, f.name)))
+            for f in fields(cfg)}
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,100 @@
+"""Sliding-window crops and the attention foreground prior (paper sec 3.2, 4.2; reference sec 2).
+
+Windows live on the ViT token grid as int rows ``(beta_index, top, left, side)``; the pixel box of
+a window is ``side * patch_size`` wide (the reference's boxes are one token larger, ``(b+1)*p - 1``
+pixels, an off-by-one we do not reproduce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+FG, BG, DROP = 1, 0, -1
+MODES = ("attention", "all_fg", "none")
+
+
+def _starts(length: int, side: int, stride: int) -> np.ndarray:
+    """Starts 0, t, 2t, ... that fit, plus one flush with the far edge: ceil((L-b)/t) + 1 of them."""
+    starts = np.arange(0, length - side + 1, stride)
+    return starts if starts[-1] == length - side else np.append(starts, length - side)
+
+
+def sliding_windows(grid_h: int, grid_w: int, betas: Sequence[float]) -> np.ndarray:
+    """Square windows of side beta*min(h, w) and stride side/2 for every beta (sec 4.2).
+
+    Returns (n, 4) int64 rows (beta_index, top, left, side) in token units, ordered by beta, then
+    top, then left; 142 windows for an 80x80 grid and betas (0.5, 0.4, 0.3, 0.2).
+    """
+    rows = []
+    for i, beta in enumerate(betas):
+        if not 0 < beta <= 1:
+            raise ValueError(f"window scale beta must lie in (0, 1], got {beta}")
+        side = max(1, int(beta * min(grid_h, grid_w)))
+        stride = max(1, side // 2)
+        top, left = np.meshgrid(_starts(grid_h, side, stride), _starts(grid_w, side, stride), indexing="ij")
+        rows.append(np.stack([np.full(top.size, i), top.ravel(), left.ravel(), np.full(top.size, side)], 1))
+    return np.concatenate(rows).astype(np.int64)
+
+
+def foreground_prior(attn: torch.Tensor) -> torch.Tensor:
+    """Binarised CLS attention (sec 4.2): (B, h, w) -> bool, True strictly above each image's mean."""
+    return attn > attn.mean(dim=(-2, -1), keepdim=True)
+
+
+def _fg_counts(fg: torch.Tensor, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground token count and area of every window, from one summed-area table."""
+    sat = np.pad(fg.cpu().numpy().astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    _, top, left, side = np.asarray(windows).T
+    bottom, right = top + side, left + side
+    count = sat[bottom, right] - sat[top, right] - sat[bottom, left] + sat[top, left]
+    return count, side * side
+
+
+def fg_fraction(fg: torch.Tensor, windows: np.ndarray) -> np.ndarray:
+    """Fraction of foreground tokens inside each window; fg is an (h, w) bool mask."""
+    count, area = _fg_counts(fg, windows)
+    return count / area
+
+
+def classify_windows(
+    fg: torch.Tensor | None,
+    windows: np.ndarray,
+    mode: str,
+    fg_min: float = 0.5,
+    bg_min: float = 0.8,
+) -> np.ndarray:
+    """Kind code (FG / BG / DROP) of every window, (n,) int8 (sec 4.2; reference 2.3).
+
+    "attention" (COCO): FG if the foreground fraction exceeds fg_min, BG if the background
+    fraction exceeds bg_min, else DROP. "all_fg" (LIP) and "none" (Cityscapes, one pool): all FG;
+    fg is only read in "attention" mode.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown crop mode {mode!r}; expected one of {MODES}")
+    if mode != "attention":
+        return np.full(len(windows), FG, np.int8)
+    count, area = _fg_counts(fg, windows)
+    kinds = np.full(len(windows), DROP, np.int8)
+    kinds[(area - count) / area > bg_min] = BG
+    kinds[count / area > fg_min] = FG
+    return kinds
+
+
+def windows_to_boxes(windows: np.ndarray, patch_size: int) -> np.ndarray:
+    """Token windows -> (n, 4) pixel boxes [x1, y1, x2, y2] (exclusive far edge)."""
+    _, top, left, side = np.asarray(windows).T
+    return np.stack([left, top, left + side, top + side], 1) * patch_size
+
+
+def cut_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resample every box of a batch in one RoI-Align call.
+
+    images (B, C, H, W); boxes (n, 5) rows [batch_idx, x1, y1, x2, y2] in pixel edges (pixel i
+    spans [i, i+1], hence aligned=True); returns (n, C, *out_size). Bins average an adaptive
+    number of bilinear samples, so downscaling is anti-aliased.
+    """
+    return roi_align(images, boxes.to(images), out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)

@@ -1,0 +1,183 @@
+"""The frozen DINO ViT encoder (paper sec 3.1, Eqs 1, 3, 4).
+
+A timm VisionTransformer whose last block is run by hand so that the CLS query row of its attention map,
+A_L^cls, is an explicit tensor: Grad-CAM (Eqs 5-7) differentiates the final CLS token with respect to it,
+and only the CLS path of the last block has to be back-propagated.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from transfgu_dist import storage
+from transfgu_dist.config import EncoderConfig
+
+log = logging.getLogger(__name__)
+
+# name -> (patch size, width, depth, heads, timm pretrained tag with DINO weights)
+ARCHS: dict[str, tuple[int, int, int, int, str | None]] = {
+    "vit_small_patch8": (8, 384, 12, 6, "vit_small_patch8_224.dino"),
+    "vit_small_patch16": (16, 384, 12, 6, "vit_small_patch16_224.dino"),
+    "vit_base_patch8": (8, 768, 12, 12, "vit_base_patch8_224.dino"),
+    "vit_base_patch16": (16, 768, 12, 12, "vit_base_patch16_224.dino"),
+    "vit_tiny_test": (8, 48, 2, 2, None),  # random weights, for tests and the laptop demo
+}
+
+
+class EncoderLoadError(RuntimeError):
+    """Encoder weights could not be loaded; the message names the source and what was expected."""
+
+
+@dataclass
+class EncoderOutput:
+    cls: torch.Tensor            # (B, D) final CLS token x^cls (after the final LayerNorm)
+    cls_attn: torch.Tensor       # (B, heads, 1 + hw) CLS query row of the last attention map (Eq. 1)
+    patch: torch.Tensor | None   # (B, h, w, D) final patch tokens x^patch, when asked for
+    grid: tuple[int, int]        # (h, w)
+
+    @property
+    def attn(self) -> torch.Tensor:
+        """A_L^cls: head-averaged CLS-to-patch attention, (B, h, w) (sec 3.2)."""
+        return self.cls_attn[:, :, 1:].mean(1).unflatten(1, self.grid)
+
+
+class ViTEncoder(nn.Module):
+    """Frozen ViT; forward accepts any input whose sides are multiples of the patch size."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown encoder arch '{arch}' (known: {', '.join(ARCHS)})")
+        patch, dim, depth, heads, _ = ARCHS[arch]
+        self.arch, self.patch_size, self.dim = arch, patch, dim
+        self.vit = VisionTransformer(img_size=224, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                                     num_classes=0, dynamic_img_size=True)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> ViTEncoder:
+        return super().train(False)  # always frozen (sec 4.2)
+
+    def forward(self, images: torch.Tensor, with_patch: bool = True, attn_grad: bool = False) -> EncoderOutput:
+        """Encode ImageNet-normalised images (B, 3, H, W).
+
+        attn_grad: make `cls_attn` a leaf that requires grad, with `cls` computed from it, so that
+        torch.autograd.grad(f(cls), cls_attn) gives the gradient on A_L^cls through the last block only.
+        """
+        B, _, H, W = images.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
+        vit, last = self.vit, self.vit.blocks[-1]
+        with torch.no_grad():
+            x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+            for blk in vit.blocks[:-1]:
+                x = blk(x)
+            attn = last.attn
+            qkv = attn.qkv(last.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0]  # (B, heads, N), Eq. 1
+            patch = None
+            if with_patch:
+                out = F.scaled_dot_product_attention(q[:, :, 1:], k, v)
+                patch = self._finish(out, x[:, 1:]).unflatten(1, (H // p, W // p))
+        if attn_grad:
+            row = row.detach().requires_grad_()
+        with torch.set_grad_enabled(attn_grad):
+            cls = self._finish(row.unsqueeze(2) @ v, x[:, :1])[:, 0]
+        return EncoderOutput(cls=cls, cls_attn=row, patch=patch, grid=(H // p, W // p))
+
+    def _finish(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Rest of the last block for some query rows: head merge, projection, MLP, final norm."""
+        last = self.vit.blocks[-1]
+        y = attended.transpose(1, 2).flatten(2)
+        y = residual + last.ls1(last.attn.proj(last.attn.norm(y)))
+        y = y + last.ls2(last.mlp(last.norm2(y)))
+        return self.vit.norm(y)
+
+
+def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """Accept the published DINO formats: a plain state dict, or a training checkpoint holding one."""
+    for key in ("teacher", "state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise EncoderLoadError(f"{source}: expected a DINO ViT state dict (tensor per key), got {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "backbone."):
+            k = k.removeprefix(prefix)
+        if not k.startswith("head."):
+            out[k] = v
+    return out
+
+
+def load_dino_weights(encoder: ViTEncoder, uri: str) -> None:
+    """Load an official DINO checkpoint (e.g. dino_deitsmall8_pretrain.pth) from a local path or s3:// URI."""
+    if not storage.exists(uri):
+        raise EncoderLoadError(f"{uri}: encoder checkpoint not found (expected a DINO .pth state dict for "
+                               f"{encoder.arch})")
+    with storage.local_copy(uri) as path:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
+            raise EncoderLoadError(f"{uri}: not a readable PyTorch checkpoint ({e})") from e
+    state = _unwrap_state_dict(obj, uri)
+    expected = encoder.vit.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                           for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                              ("shape mismatch", wrong)) if keys)
+        raise EncoderLoadError(f"{uri}: does not match encoder '{encoder.arch}' "
+                               f"(expected {len(expected)} ViT keys such as 'blocks.0.attn.qkv.weight'); {detail}")
+    encoder.vit.load_state_dict(state)
+
+
+def _load_timm_dino(encoder: ViTEncoder) -> None:
+    import timm
+
+    tag = ARCHS[encoder.arch][4]
+    if tag is None:
+        raise EncoderLoadError(f"encoder '{encoder.arch}' has no pretrained DINO weights in timm")
+    try:
+        model = timm.create_model(tag, pretrained=True, num_classes=0)
+    except Exception as e:  # noqa: BLE001 - offline hubs raise many different errors
+        raise EncoderLoadError(f"timm weights '{tag}' could not be loaded ({type(e).__name__}: {e}); "
+                               f"give encoder.weights a local or s3:// DINO checkpoint instead") from e
+    encoder.vit.load_state_dict(model.state_dict())
+
+
+def build_encoder(cfg: EncoderConfig) -> ViTEncoder:
+    """The frozen encoder with the configured weights ("random" weights are seeded, hence the same everywhere)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = ViTEncoder(cfg.arch)
+    if cfg.weights == "timm":
+        _load_timm_dino(encoder)
+    elif cfg.weights != "random":
+        load_dino_weights(encoder, cfg.weights)
+    return encoder
+
+
+def resolve_encoder(cfg: EncoderConfig) -> EncoderConfig:
+    """Check that the configured weights load; with `random_fallback`, fall back LOUDLY to a small random ViT."""
+    try:
+        build_encoder(cfg)
+        return cfg
+    except EncoderLoadError as e:
+        if not cfg.random_fallback:
+            raise
+        banner = "!" * 88
+        log.warning("\n%s\n%s\nFALLING BACK TO A SMALL RANDOM ENCODER (vit_tiny_test): the segmentation will be "
+                    "far from what DINO weights give.\n%s", banner, e, banner)
+        return EncoderConfig(arch="vit_tiny_test", weights="random")

@@ -1,0 +1,88 @@
+"""Image/label decoding and tensor preparation (reference sec 7.1: resize + ImageNet norm)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadImageError(ValueError):
+    """A file that cannot be decoded into the expected image or label array."""
+
+
+def _open(data: bytes, path: str, expected: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"{path}: expected {expected}, could not decode it ({e})") from e
+    return img
+
+
+def decode_image(data: bytes, path: str) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB array ``[H, W, 3]`` (grayscale/RGBA/palette converted)."""
+    img = _open(data, path, "an RGB-convertible image (PNG/JPEG/...)")
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_label(data: bytes, path: str) -> np.ndarray:
+    """Encoded single-channel label map -> uint8 ``[H, W]``; palette PNGs keep raw indices."""
+    expected = "a single-channel label map (L/P/I mode) with values in [0, 255]"
+    img = _open(data, path, expected)
+    if len(img.getbands()) != 1:
+        raise BadImageError(f"{path}: expected {expected}, got {img.mode} with bands {img.getbands()}")
+    label = np.array(img)
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise BadImageError(f"{path}: expected {expected}, got values in [{label.min()}, {label.max()}]")
+        label = label.astype(np.uint8)
+    return label
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """Float NCHW in [0, 1] -> ImageNet-normalised (per-channel ``(x - mean) / std``)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def _resize_uint8(stack: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    x = torch.from_numpy(stack).permute(0, 3, 1, 2).float().div_(255.0)
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x.contiguous()
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def to_float_batch(images: list[np.ndarray] | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 HWC image(s) -> float NCHW in [0, 1] resized (bilinear, antialiased) to ``size``.
+
+    Accepts one ``[H, W, 3]`` array, an ``[N, H, W, 3]`` array or a list; equally shaped inputs
+    are resized in a single batched call.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = images[None]
+    if len(images) == 0:
+        raise ValueError("to_float_batch needs at least one image")
+    for im in images:
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"expected uint8 [H, W, 3] images, got {im.dtype} {im.shape}")
+    if len({im.shape for im in images}) == 1:
+        return _resize_uint8(np.stack(list(images)), size)
+    return torch.cat([_resize_uint8(im[None].copy(), size) for im in images])
+
+
+def resize_labels(labels: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of ``[H, W]`` or ``[N, H, W]`` label maps; dtype is kept."""
+    t = torch.as_tensor(labels)
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t.clone()
+    x = t.reshape(-1, 1, *t.shape[-2:]).float()
+    out = F.interpolate(x, size=size, mode="nearest-exact")
+    return out.to(t.dtype).reshape(*t.shape[:-2], *size)

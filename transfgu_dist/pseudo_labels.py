@@ -1,0 +1,70 @@
+"""Grad-CAM response maps of the K concepts on the last attention map (paper Eqs 5-8).
+
+All K maps come from ONE forward and ONE batched backward: the losses of all concepts (B, K) are
+differentiated with respect to the CLS attention row of the last block with `is_grads_batched`, so the
+backward runs K times vectorised through the last block's CLS path only (reference doc sec 4, derived note).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from transfgu_dist.config import PseudoLabelConfig
+from transfgu_dist.encoder import EncoderOutput, ViTEncoder
+
+
+def concept_similarity(x_cls: torch.Tensor, concepts: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, K) similarity of CLS tokens to concepts S: `dot` is x S^T / sqrt(d) (Eq. 5), `cosine` the reference's."""
+    if kind == "dot":
+        return x_cls @ concepts.T / math.sqrt(x_cls.shape[-1])
+    return F.normalize(x_cls, dim=-1) @ F.normalize(concepts, dim=-1).T
+
+
+def attention_gradients(out: EncoderOutput, concepts: torch.Tensor, kind: str, loss_scale: float = 1.0) -> torch.Tensor:
+    """d loss_k / d A_L^cls for every concept k, averaged over heads: (B, K, h, w).
+
+    loss_k = loss_scale * (1 - sim(x_cls, S_k)) (Eq. 5); `out` must come from the encoder with attn_grad=True.
+    loss_scale = 1/N reproduces the reference's batch-mean loss over a Grad-CAM batch of N images.
+    """
+    loss = loss_scale * (1 - concept_similarity(out.cls, concepts, kind))  # (B, K)
+    B, K = loss.shape
+    one_hot = torch.eye(K, dtype=loss.dtype, device=loss.device).unsqueeze(1).expand(K, B, K)
+    (grad,) = torch.autograd.grad(loss, out.cls_attn, grad_outputs=one_hot, is_grads_batched=True)
+    return grad[..., 1:].mean(2).permute(1, 0, 2).unflatten(2, out.grid)  # (K,B,heads,N) -> (B,K,h,w)
+
+
+def top_mass_mask(x: torch.Tensor, mass: float) -> torch.Tensor:
+    """Per map (last two dims), True on the largest entries that together hold `mass` of its total (DINO-style)."""
+    flat = x.flatten(-2)
+    values, order = flat.sort(dim=-1)  # ascending
+    cum = (values / values.sum(-1, keepdim=True).clamp_min(1e-12)).cumsum(-1)
+    keep_sorted = cum > (1 - mass)
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted).view_as(x)
+
+
+def response_maps(attn: torch.Tensor, grad: torch.Tensor, cfg: PseudoLabelConfig) -> torch.Tensor:
+    """Response maps M^k (B, K, h, w) from A_L^cls (B, h, w) and the loss gradients (B, K, h, w).
+
+    paper (Eq. 7): M^k = GRAD-CAM + A, with GRAD-CAM = -d loss_k / dA = d sim_k / dA, the direction that
+      increases the similarity Eq. 5 maximises.
+    reference: A / max(A) plus the rectified negative gradient kept on its top `top_mass` mass, and M^k = 0
+      wherever the gradient is positive.
+    """
+    a = attn.unsqueeze(1)
+    if cfg.response == "paper":
+        return a - grad
+    evidence = (-grad).clamp_min(0)
+    evidence = evidence * top_mass_mask(evidence, cfg.top_mass)
+    a = a / a.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return (a + evidence).masked_fill(grad > 0, 0.0)
+
+
+def gradcam(encoder: ViTEncoder, images: torch.Tensor, concepts: torch.Tensor,
+            cfg: PseudoLabelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response maps (B, K, h, w) of all concepts for a batch of normalised images, and A_L^cls (B, h, w)."""
+    out = encoder(images, with_patch=False, attn_grad=True)
+    grad = attention_gradients(out, concepts.to(out.cls.dtype), cfg.similarity, cfg.loss_scale)
+    attn = out.attn.detach()
+    return response_maps(attn, grad, cfg).detach(), attn

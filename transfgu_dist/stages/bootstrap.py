@@ -1,0 +1,226 @@
+"""Stage 4, bootstrap: teacher-student training of the Segmenter decoder on Ray Train (sec 3.3, Eqs 9-16).
+
+Round 0 trains the student on the pseudo labels M (Eq. 9). At the start of round r > 0 the teacher becomes
+round r-1's student and the student restarts from its initial weights; the labels are M-hat (Eqs 10-12) and
+the loss is Eq. 16. A checkpoint is reported after every epoch, so a restarted worker group (FailureConfig)
+or a rerun of the job (same RunConfig name and storage) continues from the last finished epoch.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from transfgu_dist import parts, storage
+from transfgu_dist.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
+from transfgu_dist.config import Config
+from transfgu_dist.decoder import MaskTransformer
+from transfgu_dist.encoder import build_encoder
+from transfgu_dist.images import normalize
+from transfgu_dist.losses import cross_entropy, diversity_loss, peer_loss, total_loss, uncertainty_loss
+from transfgu_dist.stages.cluster import load_concepts
+from transfgu_dist.stages.common import cluster_gpus, load_images
+from transfgu_dist.stages.pseudo_label import bank_output
+from transfgu_dist.storage import StageOutput
+from transfgu_dist.targets import bootstrapped, hard_labels, soft_targets
+
+FAULT_ENV = "TRANSFGU_FAIL_ONCE_AT_EPOCH"  # chaos testing: "<epoch>:<marker file>" makes one worker crash once
+
+
+def bootstrap_output(cfg: Config) -> StageOutput:
+    return StageOutput(storage.join(cfg.output, "bootstrap"))
+
+
+def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: bank rows joined with their decoded images, maps reshaped to (K, h, w)."""
+    batch = load_images(batch, cfg.train.image_size)
+    n, (h, w) = len(batch["image_id"]), batch["grid"][0]
+    return {"image": batch["image"], "maps": np.stack(batch["maps"]).reshape(n, -1, h, w),
+            "fg_prior": np.stack(batch["fg_prior"]).reshape(n, h, w)}
+
+
+def training_dataset(cfg: Config) -> ray.data.Dataset:
+    uris = parts.part_uris(bank_output(cfg))
+    fs, _ = storage.filesystem(uris[0])
+    ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs)
+    return ds.map_batches(bank_rows, fn_kwargs={"cfg": cfg}, batch_size=cfg.train.batch_size, num_cpus=1)
+
+
+def alpha_at(cfg: Config, epoch_in_round: int) -> float:
+    """Eq. 13's alpha; the reference grows it per epoch since the last teacher update, capped."""
+    return min(cfg.loss.alpha + cfg.loss.alpha_step * epoch_in_round, cfg.loss.alpha_max)
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam with L2 weight decay on matrices only (biases and norms undecayed), as the reference."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    return torch.optim.Adam([{"params": decay, "weight_decay": cfg.train.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.train.lr)
+
+
+class Bootstrapper:
+    """One worker's state: frozen encoder, student, teacher, optimizer, and the step of Eqs 9-16."""
+
+    def __init__(self, cfg: Config, dev: torch.device):
+        self.cfg, self.dev = cfg, dev
+        self.encoder = build_encoder(cfg.encoder).to(dev)
+        torch.manual_seed(cfg.train.seed)
+        self.student = MaskTransformer(self.encoder.dim, cfg.n_outputs, cfg.decoder).to(dev)
+        self.initial = copy.deepcopy(self.student.state_dict())
+        self.teacher: MaskTransformer | None = None
+        self.optimizer = make_optimizer(self.student, cfg)
+        self.aug = AugmentConfig(per_batch=cfg.train.per_batch_augment)
+        self.gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + ray.train.get_context().get_world_rank())
+        is_fg = torch.from_numpy(load_concepts(cfg).is_fg).to(dev)
+        self.is_fg = is_fg if cfg.pseudo.split_fg_bg and 0 < int(is_fg.sum()) < len(is_fg) else None
+        self.model = ray.train.torch.prepare_model(self.student)
+
+    def start_round(self) -> None:
+        """Sec 3.3: teacher <- current student; student <- its initial state."""
+        self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.student.load_state_dict(self.initial)
+        if self.cfg.train.reset_optimizer:
+            self.optimizer = make_optimizer(self.student, self.cfg)
+
+    def state(self, round_: int, epoch: int) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "initial": self.initial, "optimizer": self.optimizer.state_dict(),
+                "teacher": self.teacher.state_dict() if self.teacher else None, "round": round_, "epoch": epoch}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.initial = state["initial"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["teacher"] is not None:
+            self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
+            self.teacher.load_state_dict(state["teacher"])
+
+    def targets(self, maps: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Soft labels M of the crop (Eq. 8 where configured) and the pseudo-foreground pixels."""
+        loss = self.cfg.loss
+        scores = soft_targets(maps, norm=loss.label_norm, t_bg=loss.t_bg if loss.background_channel else None,
+                              fg_prior=fg if self.is_fg is not None else None, is_fg=self.is_fg)
+        valid = scores[:, 1:].amax(1) > loss.t_bg if loss.background_channel else None
+        return scores, valid
+
+    def step(self, batch: dict[str, torch.Tensor], alpha: float) -> dict[str, float]:
+        cfg = self.cfg
+        images = photometric(batch["image"].permute(0, 3, 1, 2).float().div(255), self.aug, self.gen)
+        maps, fg = batch["maps"].float(), batch["fg_prior"].float()
+        B, K, h, w = maps.shape
+        H, W = images.shape[-2:]
+        boxes = random_crop_boxes(B, H, W, self.aug, self.gen)
+        images, labels = crop_and_flip(images, torch.cat([maps, fg[:, None]], 1), boxes, (H // 2, W // 2),
+                                       (H // 2 // self.encoder.patch_size, W // 2 // self.encoder.patch_size),
+                                       self.aug, self.gen)
+        scores, valid = self.targets(labels[:, :K], labels[:, K] > 0.5)
+        with torch.no_grad():
+            patch = self.encoder(normalize(images)).patch
+        out = self.model(patch)
+        if self.teacher is None:
+            peer = cross_entropy(out.logits, hard_labels(scores))                         # Eq. 9
+        else:
+            with torch.no_grad():
+                scores = bootstrapped(scores, self.teacher(patch).logits)                 # Eqs 10, 12
+            perm = torch.randperm(scores.shape[1], generator=self.gen, device=self.gen.device).to(self.dev)
+            peer = peer_loss(out.logits, hard_labels(scores), alpha, perm)               # Eqs 11, 13
+        terms = total_loss(peer, diversity_loss(out.class_emb, cfg.loss.diversity),
+                           uncertainty_loss(out.logits, valid, skip_channel0=cfg.loss.background_channel),
+                           cfg.loss.omega1, cfg.loss.omega2)                              # Eqs 14-16
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        nn.utils.clip_grad_value_(self.student.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        return terms.as_floats()
+
+
+def _maybe_fail(epoch: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec:
+        at, marker = spec.split(":", 1)
+        if int(at) == epoch and not Path(marker).exists():
+            Path(marker).touch()
+            raise RuntimeError(f"injected failure at epoch {epoch} ({FAULT_ENV})")
+
+
+def _save_round(cfg: Config, boot: Bootstrapper, round_: int) -> None:
+    """Rank 0: the round's final student, in the checkpoint format evaluate.load_decoder reads."""
+    buf = io.BytesIO()
+    torch.save({"decoder": boot.student.state_dict(), "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder),
+                "round": round_}, buf)
+    bootstrap_output(cfg).write_part(f"round-{round_}.pt", buf.getvalue())
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker loop."""
+    cfg: Config = config["cfg"]
+    boot = Bootstrapper(cfg, ray.train.torch.get_device())
+    ctx = ray.train.get_context()
+    rank0 = ctx.get_world_rank() == 0
+    round_, epoch = 0, 0
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location=boot.dev, weights_only=False)
+        boot.load(state)
+        round_, epoch = state["round"], state["epoch"] + 1
+    shard = ray.train.get_dataset_shard("train")
+    epochs = cfg.train.round_epochs
+    global_epoch = sum(epochs[:round_]) + epoch
+    while round_ < len(epochs):
+        if epoch >= epochs[round_]:  # round finished: publish its student, start the next round
+            if rank0:
+                _save_round(cfg, boot, round_)
+            round_, epoch = round_ + 1, 0
+            if round_ < len(epochs):
+                boot.start_round()
+            continue
+        _maybe_fail(global_epoch)
+        sums: dict[str, float] = {}
+        steps = 0
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=boot.dev, drop_last=False):
+            for k, v in boot.step(batch, alpha_at(cfg, epoch)).items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+        metrics = {f"loss/{k}": v / max(steps, 1) for k, v in sums.items()}
+        metrics.update(round=round_, epoch=epoch, global_epoch=global_epoch, alpha=alpha_at(cfg, epoch), steps=steps)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank0:
+                torch.save(boot.state(round_, epoch), Path(d) / "state.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        epoch += 1
+        global_epoch += 1
+
+
+def run_bootstrap(cfg: Config) -> dict[str, Any]:
+    """Train all rounds with a Ray Train TorchTrainer (DDP; NCCL on GPU, gloo on CPU); commit the final decoder."""
+    out = bootstrap_output(cfg)
+    if out.is_committed():
+        return out.manifest()
+    path, fs = storage.ray_storage(storage.join(cfg.output, "ray_train"))
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_gpus() > 0
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop, train_loop_config={"cfg": cfg}, datasets={"train": training_dataset(cfg)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="bootstrap", storage_path=path, storage_filesystem=fs,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+    result = trainer.fit()
+    last = len(cfg.train.round_epochs) - 1
+    out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
+    return out.commit({"rounds": last + 1, "epochs": sum(cfg.train.round_epochs), "final": "final.pt",
+                       "workers": cfg.train.num_workers, "metrics": result.metrics,
+                       "train_checkpoint": result.checkpoint.path if result.checkpoint else None})

@@ -1,0 +1,96 @@
+"""What the image stages share: Ray start-up, image loading tasks, and the resumable per-image stage driver."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from transfgu_dist import parts, storage
+from transfgu_dist.datasets import Sample
+from transfgu_dist.images import BadImageError, decode_image, to_float_batch
+from transfgu_dist.storage import StageOutput
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to the cluster (`address`, RAY_ADDRESS, or `ray job submit`'s) or start a local Ray in-process."""
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+        ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(dev: torch.device):
+    """bf16 autocast on GPU; a no-op on CPU."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+def load_images(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: read and decode images, resize to `size`; unreadable ones are flagged, not fatal."""
+    images, ok = [], []
+    for uri in batch["uri"]:
+        try:
+            img = decode_image(storage.read_bytes(uri), uri)
+            images.append(to_float_batch(img, size)[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+            ok.append(True)
+        except (BadImageError, storage.StorageError) as e:
+            log.warning("skipping image: %s", e)
+            images.append(np.zeros((*size, 3), np.uint8))
+            ok.append(False)
+    return {**batch, "image": np.stack(images), "ok": np.array(ok)}
+
+
+def images_to_device(batch: dict[str, np.ndarray], dev: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on `dev`."""
+    return torch.from_numpy(batch["image"]).to(dev).permute(0, 3, 1, 2).float().div_(255)
+
+
+@dataclass
+class StageReport:
+    images: int        # images covered by the committed output
+    processed: int     # images processed by this run (the rest were already committed)
+    bad: list[str]     # unreadable images, skipped
+    manifest: dict[str, Any]
+
+
+def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
+                    actor_kwargs: dict[str, Any], images_per_part: int, extra_manifest: dict[str, Any]) -> StageReport:
+    """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
+
+    Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
+    GPUs); each actor call writes one Parquet part. A rerun skips every image a committed part covers.
+    """
+    if out.is_committed():
+        m = out.manifest()
+        return StageReport(m["images"], 0, m["bad_images"], m)
+    done, bad = parts.processed_ids(out)
+    pending = [s for s in samples if s.image_id not in done | bad]
+    log.info("%s: %d images, %d already done, %d to process", out.uri, len(samples), len(samples) - len(pending),
+             len(pending))
+    if pending:
+        gpus = cluster_gpus()
+        ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
+        ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_part, num_cpus=1)
+        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part,
+                            concurrency=max(gpus, 1), num_gpus=1 if gpus else 0, num_cpus=1)
+        ds.materialize()
+    done, bad = parts.processed_ids(out)
+    missing = {s.image_id for s in samples} - done - bad
+    if missing:
+        raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, e.g. {sorted(missing)[:3]}")
+    if bad:
+        storage.write_bytes(storage.join(out.uri, "bad_images.txt"), "\n".join(sorted(bad)).encode())
+    manifest = out.commit({"images": len(done), "bad_images": sorted(bad), **extra_manifest})
+    return StageReport(len(done), len(pending), sorted(bad), manifest)

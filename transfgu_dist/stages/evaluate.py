@@ -1,0 +1,158 @@
+"""Evaluation stage: mIoU and pixel accuracy of the bootstrapped decoder on the whole validation split.
+
+Paper sec 4.1: predicted cluster ids are aligned to the ground truth by Hungarian matching over all validation
+images. Reference sec 7.1: images and labels (nearest) are resized to the protocol size and scored there; the
+logits are upsampled bilinearly (align_corners=False) and argmaxed; ONE confusion matrix is accumulated over the
+split and matched once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+import torch.nn.functional as F
+
+from transfgu_dist import storage, synthetic
+from transfgu_dist.config import Config
+from transfgu_dist.datasets import data_root, list_samples
+from transfgu_dist.decoder import MaskTransformer
+from transfgu_dist.encoder import ARCHS, build_encoder
+from transfgu_dist.images import BadImageError, decode_label, normalize, resize_labels
+from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
+from transfgu_dist.stages.common import autocast, cluster_gpus, device, images_to_device, load_images
+from transfgu_dist.storage import StageOutput
+from transfgu_dist.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
+
+log = logging.getLogger(__name__)
+
+IGNORE = 255  # ground-truth value that is not scored (reference sec 7.1: mapped to -1)
+CHECKPOINT_KEYS = ("decoder", "n_outputs", "encoder", "round")
+
+
+class CheckpointError(ValueError):
+    """A file is not the bootstrap checkpoint this config expects; the message names the file."""
+
+
+def default_checkpoint(cfg: Config) -> str:
+    return storage.join(cfg.output, "bootstrap", "final.pt")
+
+
+def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
+    """The bootstrap stage's decoder from `uri` ({decoder, n_outputs, encoder, round}), checked against `cfg`."""
+    with storage.local_copy(uri) as path:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
+            raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint ({e})") from e
+    arch, width = cfg.encoder.arch, ARCHS[cfg.encoder.arch][1]
+    expected = (f"expected a bootstrap checkpoint dict with keys {', '.join(CHECKPOINT_KEYS)} for "
+                f"{cfg.n_outputs} outputs on encoder '{arch}' (width {width})")
+    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys():
+        got = f"keys {', '.join(map(str, list(ckpt)[:4]))} ..." if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{uri}: {expected}; got {got}")
+    if ckpt["n_outputs"] != cfg.n_outputs:
+        raise CheckpointError(f"{uri}: {expected}; got n_outputs {ckpt['n_outputs']}")
+    got_arch = ckpt["encoder"].get("arch") if isinstance(ckpt["encoder"], dict) else None
+    if got_arch != arch:
+        raise CheckpointError(f"{uri}: {expected}; got a decoder trained on encoder '{got_arch}'")
+    decoder = MaskTransformer(width, cfg.n_outputs, cfg.decoder)
+    try:
+        decoder.load_state_dict(ckpt["decoder"])
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{uri}: {expected}; its decoder weights do not fit ({e})") from e
+    return decoder.eval()
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Ground-truth class names: the synthetic ones, `<data root>/classes.txt` (one a line), else `class_<i>`."""
+    n = cfg.data.n_classes
+    source = storage.join(data_root(cfg), "classes.txt")
+    if cfg.data.layout == "synthetic":
+        source, names = "synthetic.CLASS_NAMES", list(synthetic.CLASS_NAMES)
+    elif storage.exists(source):
+        names = [line.strip() for line in storage.read_bytes(source).decode().splitlines() if line.strip()]
+    else:
+        return [f"class_{i}" for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{source}: {len(names)} class names, but data.n_classes = {n}")
+    return names
+
+
+class Predictor:
+    """Ray Data actor: one row per batch with the confusion matrix conf[gt, cluster] (n_classes x n_outputs)
+    at the eval size, the unreadable image ids, and the image / GT / cluster arrays of the overlay images."""
+
+    def __init__(self, cfg: Config, decoder: MaskTransformer, overlay_ids: frozenset[str]):
+        self.dev = device()
+        self.encoder = build_encoder(cfg.encoder).to(self.dev)
+        self.decoder = decoder.to(self.dev).eval()
+        self.size, self.n_classes, self.overlay_ids = tuple(cfg.eval.image_size), cfg.data.n_classes, overlay_ids
+
+    def _label(self, uri: str) -> np.ndarray | None:
+        """GT resized (nearest) to the eval size: the reference scores at the resized resolution (sec 7.1)."""
+        try:
+            return resize_labels(decode_label(storage.read_bytes(uri), uri), self.size).numpy()
+        except (BadImageError, storage.StorageError) as e:
+            log.warning("skipping image: %s", e)
+            return None
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = [self._label(uri) if ok else None for uri, ok in zip(batch["label"], batch["ok"])]
+        ok = np.array([lab is not None for lab in labels])
+        gt = np.stack([np.full(self.size, IGNORE, np.uint8) if lab is None else lab for lab in labels])
+        with autocast(self.dev):
+            logits = self.decoder(self.encoder(normalize(images_to_device(batch, self.dev))).patch).logits
+        pred = F.interpolate(logits.float(), size=self.size, mode="bilinear", align_corners=False).argmax(1)
+        pred = pred.cpu().numpy()
+        shown = ok & np.isin(batch["image_id"], list(self.overlay_ids))
+        return {"confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_classes, IGNORE)[None],
+                "n_images": np.array([ok.sum()]),
+                "bad": np.array([list(batch["image_id"][~ok])], dtype=object),
+                "overlay_ids": np.array([list(batch["image_id"][shown])], dtype=object),
+                "overlay_image": batch["image"][shown][None], "overlay_gt": gt[shown][None],
+                "overlay_pred": pred[shown][None]}
+
+
+def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
+    """Score the decoder at `checkpoint` (default `<output>/bootstrap/final.pt`) on all of `data.val_split`.
+
+    Writes `<output>/evaluate/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` and commits
+    it with the metrics in the manifest; a committed stage returns its stored metrics without recomputing.
+    """
+    out = StageOutput(storage.join(cfg.output, "evaluate"))
+    if out.is_committed():
+        return out.manifest()["metrics"]
+    checkpoint = checkpoint or default_checkpoint(cfg)
+    decoder, names = load_decoder(checkpoint, cfg), class_names(cfg)
+    samples = list_samples(cfg, cfg.data.val_split)
+    overlay_ids = frozenset(s.image_id for s in samples[: cfg.eval.n_overlays])
+    size, gpus = tuple(cfg.eval.image_size), cluster_gpus()
+    ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image, "label": s.label} for s in samples])
+    ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=cfg.eval.batch_size, num_cpus=1)
+    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
+                        batch_size=cfg.eval.batch_size, concurrency=max(gpus, 1), num_gpus=1 if gpus else 0,
+                        num_cpus=1)
+    rows = ds.take_all()
+    n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in r["bad"])
+    if not n_images:
+        raise RuntimeError(f"{cfg.data.val_split}: none of the {len(samples)} validation images could be read")
+    scores = scores_from_confusion(sum(r["confusion"] for r in rows))  # one matching over the whole split
+    s = scores.to_dict()
+    metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"],
+               "per_class_iou": dict(zip(names, s["per_class_iou"])), "matching": s["matching"],
+               "n_images": n_images, "n_bad_images": len(bad), "bad_images": bad, "checkpoint": checkpoint}
+    out.write_part("metrics.json", json.dumps(metrics, indent=2).encode())
+    out.write_part("confusion.png", confusion_matrix_png(scores.confusion, names))
+    out.write_part("per_class_iou.png", per_class_iou_png(scores.per_class_iou, names))
+    for r in rows:
+        for image_id, image, gt, pred in zip(r["overlay_ids"], r["overlay_image"], r["overlay_gt"],
+                                             r["overlay_pred"]):
+            panel = overlay_panel(image, gt, scores.matching[pred], cfg.data.n_classes, IGNORE)
+            out.write_part(f"overlays/{image_id}.png", panel)
+    log.info("evaluate: mIoU %.4f, pixel accuracy %.4f over %d images", scores.miou, scores.pixel_accuracy, n_images)
+    return out.commit({"metrics": metrics})["metrics"]

@@ -1,0 +1,60 @@
+"""Stage 3, pseudo-label: the bank of Grad-CAM response maps of all K concepts for every training image (Eqs 5-7).
+
+One Parquet row per image: image_id, uri, grid (h, w), maps (K*h*w float16: the raw M^k of Eq. 7) and
+fg_prior (h*w bool: the binarised A_L^cls). T_bg, normalisation and argmax are applied when loading
+(transfgu_dist.targets), so they can change without recomputing the bank.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from transfgu_dist import parts, storage
+from transfgu_dist.config import Config
+from transfgu_dist.crops import foreground_prior
+from transfgu_dist.datasets import list_samples
+from transfgu_dist.encoder import build_encoder
+from transfgu_dist.images import normalize
+from transfgu_dist.pseudo_labels import gradcam
+from transfgu_dist.stages.cluster import load_concepts
+from transfgu_dist.stages.common import StageReport, autocast, device, images_to_device, run_image_stage
+from transfgu_dist.storage import StageOutput
+
+
+def bank_output(cfg: Config) -> StageOutput:
+    return StageOutput(storage.join(cfg.output, "bank"))
+
+
+class ConceptMapper:
+    """Ray Data actor: a batch of images -> one bank part (one batched backward for all K concepts)."""
+
+    def __init__(self, cfg: Config, out_uri: str):
+        self.cfg, self.dev, self.out = cfg, device(), StageOutput(out_uri)
+        self.encoder = build_encoder(cfg.encoder).to(self.dev)
+        self.concepts = torch.from_numpy(load_concepts(cfg).centroids).to(self.dev)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"]
+        ids = [str(i) for i in batch["image_id"][ok]]
+        images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
+        with autocast(self.dev):
+            maps, attn = gradcam(self.encoder, images, self.concepts, self.cfg.pseudo)
+        h, w = attn.shape[-2:]
+        table = pa.table({
+            "image_id": pa.array(ids, pa.string()),
+            "uri": pa.array([str(u) for u in batch["uri"][ok]], pa.string()),
+            "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (len(ids), 1)), pa.int32()),
+            "maps": parts.fixed_list(maps.float().flatten(1).to(torch.float16).cpu().numpy(), pa.float16()),
+            "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
+        })
+        name = parts.write_part(self.out, table, ids, [str(i) for i in batch["image_id"][~ok]])
+        return {"part": np.array([name]), "images": np.array([len(ids)])}
+
+
+def run_pseudo_label(cfg: Config) -> StageReport:
+    out = bank_output(cfg)
+    samples = list_samples(cfg, cfg.data.train_split)
+    return run_image_stage(out, samples, cfg.pseudo.image_size, ConceptMapper, {"cfg": cfg, "out_uri": out.uri},
+                           cfg.pseudo.batch_size, {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
+                                                   "response": cfg.pseudo.response})
