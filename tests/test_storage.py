@@ -77,6 +77,20 @@ def test_local_write_leaves_no_temporaries(tmp_path):
     assert storage.read_bytes(target) == b"\x02" * 10
 
 
+def test_local_stage_staging_cleanup_and_json_types(tmp_path):
+    import numpy as np
+
+    out = StageOutput(str(tmp_path / "stage"))
+    out.write_part("a.npy", b"1")
+    out.write_part("a.npy", b"2")  # a retried write of the same part
+    assert os.listdir(tmp_path / "stage" / "_tmp") == []  # no staging leftovers
+    assert storage.read_bytes(out.part_uri("a.npy")) == b"2"
+    out.commit({"miou": np.float32(0.25), "hist": np.arange(3), "classes": {"b", "a"}})
+    assert sorted(os.listdir(tmp_path / "stage")) == ["_SUCCESS.json", "a.npy"]
+    m = out.manifest()
+    assert m["miou"] == 0.25 and m["hist"] == [0, 1, 2] and m["classes"] == ["a", "b"]
+
+
 def test_local_copy(root):
     uri = storage.join(root, "ckpt", "model.pt")
     storage.write_bytes(uri, b"weights")

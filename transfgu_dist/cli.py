@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist import storage
+from transfgu_dist import storage, tracking
 from transfgu_dist.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from transfgu_dist.datasets import ensure_synthetic
 from transfgu_dist.encoder import resolve_encoder
@@ -75,6 +75,24 @@ def _dir(stage: str) -> str:
     return {"extract": "features", "cluster": "concepts", "pseudo_label": "bank"}.get(stage, stage)
 
 
+def log_stage(cfg: Config, name: str, result: Any, seconds: float) -> None:
+    """Stage figures and result files into the active MLflow run."""
+    import mlflow
+
+    mlflow.log_metric("wall_seconds", seconds)
+    if name in ("extract", "pseudo_label"):
+        mlflow.log_metrics({"images": result.images, "processed": result.processed, "bad_images": len(result.bad)})
+    elif name == "cluster":
+        mlflow.log_metrics({"points_fg": result["points_fg"], "points_bg": result["points_bg"],
+                            **{f"objective_{k}": v for k, v in result["objective"].items()}})
+    elif name == "bootstrap":
+        mlflow.set_tag("checkpoint", storage.join(cfg.output, "bootstrap", result["final"]))
+        mlflow.log_dict(result, "bootstrap_manifest.json")
+    elif name == "evaluate":
+        mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]})
+        tracking.log_outputs(storage.join(cfg.output, "evaluate"), "evaluate")
+
+
 def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,16 +104,22 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     ensure_synthetic(cfg)
     check_output(cfg, stages)
     results, timings = {}, {}
-    for name in stages:
-        start = time.perf_counter()
-        log.info("stage %s: starting (output %s)", name, cfg.output)
-        results[name] = _stage(name)(cfg)
-        timings[name] = round(time.perf_counter() - start, 1)
-        log.info("stage %s: done in %.1f s", name, timings[name])
+    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
+        for name in stages:
+            with tracking.run(cfg, name, nested=True) as active:
+                start = time.perf_counter()
+                log.info("stage %s: starting (output %s)", name, cfg.output)
+                if name == "bootstrap":
+                    results[name] = _stage(name)(cfg, mlflow_run=(tracking.tracking_uri(cfg), active.info.run_id))
+                else:
+                    results[name] = _stage(name)(cfg)
+                timings[name] = round(time.perf_counter() - start, 1)
+                log_stage(cfg, name, results[name], timings[name])
+            log.info("stage %s: done in %.1f s", name, timings[name])
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     if "evaluate" in results:
         m = results["evaluate"]
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
               f"({m['n_images']} val images)")
-    print(f"outputs: {cfg.output}")
+    print(f"outputs: {cfg.output}\nMLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return {"config": cfg, "results": results, "timings": timings}

@@ -27,6 +27,8 @@ class DataConfig:
     val_split: str = "val"
     n_classes: int = 8                   # ground-truth classes scored at evaluation
     limit: int | None = None             # use only the first N images of each split (smoke runs)
+    train_list: str | None = None        # file of image ids (one a line) restricting the train split, e.g. the
+    val_list: str | None = None          # curated COCO lists; local or s3:// (None: the whole split)
     synthetic_train: int = 48
     synthetic_val: int = 16
     synthetic_size: int = 128
@@ -113,6 +115,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = None                 # None: use GPUs when the cluster has them
     max_failures: int = 2
+    data_fraction: float = 1.0                  # train on a random fraction of the bank (sweeps)
+    eval_every: int = 1                         # val mIoU every N epochs on rank 0 (0: never)
     seed: int = 2021
     per_batch_augment: bool = False             # reference: one photometric draw per batch
 
@@ -129,6 +133,9 @@ class Config:
     preset: str = "synthetic"
     profile: str = "reference"          # reference | paper
     output: str = "outputs/synthetic"   # local path or s3:// URI
+    source: str = ""                    # an earlier run's output whose data, features, concepts and bank to reuse
+    mlflow_uri: str = ""                # MLflow tracking URI; "" = MLFLOW_TRACKING_URI or sqlite under the output
+    experiment: str = "transfgu-dist"   # MLflow experiment name
     seed: int = 2021
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

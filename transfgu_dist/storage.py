@@ -45,8 +45,10 @@ __all__ = [
     "S3Options",
     "StageOutput",
     "StorageError",
+    "boto3_client",
     "configure",
     "delete",
+    "error_for",
     "exists",
     "filesystem",
     "join",
@@ -55,6 +57,8 @@ __all__ = [
     "ray_storage",
     "read_bytes",
     "read_json",
+    "s3_options",
+    "split_s3",
     "write_bytes",
     "write_json",
 ]
@@ -119,6 +123,34 @@ def _options() -> S3Options:
     return _configured if _configured is not None else S3Options()
 
 
+def s3_options() -> S3Options:
+    """The S3 options in effect in this process (:func:`configure`'d, else from the environment)."""
+    return _options()
+
+
+def boto3_client(max_pool_connections: int = 10) -> Any:
+    """A boto3 S3 client reaching the same store as everything here (endpoint, region, anonymous).
+
+    For what pyarrow does not offer (e.g. boto3's parallel multipart ``upload_file``); the
+    credentials come from boto3's default chain, like pyarrow's.
+    """
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+
+    opts = _options()
+    extra: dict[str, Any] = {}
+    endpoint = None
+    if opts.endpoint_url:
+        endpoint = opts.endpoint_url if "://" in opts.endpoint_url else "https://" + opts.endpoint_url
+        extra["s3"] = {"addressing_style": "path"}  # as the pyarrow filesystem: S3-compatible stores
+    if opts.anonymous:
+        extra["signature_version"] = UNSIGNED
+    config = BotoConfig(max_pool_connections=max_pool_connections, connect_timeout=10, read_timeout=60,
+                        retries={"max_attempts": 3, "mode": "standard"}, **extra)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=opts.region, config=config)
+
+
 # --------------------------------------------------------------------------------------------
 # URI handling
 
@@ -136,6 +168,13 @@ def _split_s3(uri: str) -> tuple[str, str]:
         raise StorageError(uri, "query parameters are not supported; use S3Options / "
                                 "AWS_ENDPOINT_URL_S3 to set the endpoint")
     return parsed.netloc, parsed.path.strip("/")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ("bucket", "a/b"); :class:`StorageError` if ``uri`` is not one."""
+    if not _is_s3(uri):
+        raise StorageError(uri, "expected an s3://<bucket>/<prefix> URI")
+    return _split_s3(uri)
 
 
 def _local_path(uri: str) -> str:
@@ -285,6 +324,15 @@ def _translate(uri: str, exc: BaseException, expected: str) -> StorageError:
         return StorageError(uri, f"a parent path is a file, not a directory (tried to {expected})")
     return StorageError(uri, f"failed to {expected}{ep}: {type(exc).__name__}: "
                              f"{_first_line(msg)}")
+
+
+def error_for(uri: str, exc: BaseException, expected: str) -> StorageError:
+    """The one-line :class:`StorageError` naming ``uri`` for a failure of another client
+    (boto3/botocore errors included): missing bucket, access denied, unreachable endpoint, ..."""
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return StorageError(uri, f"no usable AWS credentials while trying to {expected} ({exc}): set "
+                                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    return _translate(uri, exc, expected)
 
 
 def _first_line(msg: str) -> str:

@@ -30,7 +30,11 @@ from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.losses import cross_entropy, diversity_loss, peer_loss, total_loss, uncertainty_loss
 from transfgu_dist.stages.cluster import load_concepts
-from transfgu_dist.stages.common import cluster_gpus, load_images
+from transfgu_dist.datasets import list_samples
+from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
+from transfgu_dist.stages.common import cluster_gpus, images_to_device, load_images
+from transfgu_dist.stages.evaluate import IGNORE, predict, val_dataset
+from transfgu_dist.tracking import log_epoch
 from transfgu_dist.stages.pseudo_label import bank_output
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.targets import bootstrapped, hard_labels, soft_targets
@@ -54,6 +58,8 @@ def training_dataset(cfg: Config) -> ray.data.Dataset:
     uris = parts.part_uris(bank_output(cfg))
     fs, _ = storage.filesystem(uris[0])
     ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs)
+    if cfg.train.data_fraction < 1:
+        ds = ds.random_sample(cfg.train.data_fraction, seed=cfg.train.seed)
     return ds.map_batches(bank_rows, fn_kwargs={"cfg": cfg}, batch_size=cfg.train.batch_size, num_cpus=1)
 
 
@@ -154,17 +160,31 @@ def _maybe_fail(epoch: int) -> None:
             raise RuntimeError(f"injected failure at epoch {epoch} ({FAULT_ENV})")
 
 
-def _save_round(cfg: Config, boot: Bootstrapper, round_: int) -> None:
-    """Rank 0: the round's final student, in the checkpoint format evaluate.load_decoder reads."""
+def _export(cfg: Config, boot: Bootstrapper, round_: int, name: str) -> None:
+    """Rank 0: the student as `name`, in the checkpoint format evaluate.load_decoder reads."""
     buf = io.BytesIO()
     torch.save({"decoder": boot.student.state_dict(), "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder),
                 "round": round_}, buf)
-    bootstrap_output(cfg).write_part(f"round-{round_}.pt", buf.getvalue())
+    bootstrap_output(cfg).write_part(name, buf.getvalue())
+
+
+def validate(boot: Bootstrapper, shard: ray.data.DataIterator) -> dict[str, float]:
+    """Whole-val-split Hungarian mIoU and pixel accuracy of the current student (sec 4.1)."""
+    cfg, size = boot.cfg, tuple(boot.cfg.eval.image_size)
+    conf = np.zeros((cfg.data.n_classes, cfg.n_outputs), np.int64)
+    boot.student.eval()
+    for batch in shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
+        pred = predict(boot.encoder, boot.student, images_to_device(batch, boot.dev), size)
+        conf += confusion_matrix(batch["gt"], pred, cfg.data.n_classes, cfg.n_outputs, IGNORE)
+    boot.student.train()
+    scores = scores_from_confusion(conf)
+    return {"val/miou": scores.miou, "val/pixel_accuracy": scores.pixel_accuracy}
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop."""
     cfg: Config = config["cfg"]
+    mlflow_run: tuple[str, str] | None = config.get("mlflow_run")  # (tracking URI, run id) for per-epoch metrics
     boot = Bootstrapper(cfg, ray.train.torch.get_device())
     ctx = ray.train.get_context()
     rank0 = ctx.get_world_rank() == 0
@@ -174,13 +194,17 @@ def train_loop(config: dict[str, Any]) -> None:
             state = torch.load(Path(d) / "state.pt", map_location=boot.dev, weights_only=False)
         boot.load(state)
         round_, epoch = state["round"], state["epoch"] + 1
+        best = state["best"]
+    else:
+        best = {"val/miou": -1.0}
     shard = ray.train.get_dataset_shard("train")
     epochs = cfg.train.round_epochs
     global_epoch = sum(epochs[:round_]) + epoch
+    resumed_at = global_epoch  # > 0 when this worker group continued from a checkpoint
     while round_ < len(epochs):
         if epoch >= epochs[round_]:  # round finished: publish its student, start the next round
             if rank0:
-                _save_round(cfg, boot, round_)
+                _export(cfg, boot, round_, f"round-{round_}.pt")
             round_, epoch = round_ + 1, 0
             if round_ < len(epochs):
                 boot.start_round()
@@ -193,32 +217,50 @@ def train_loop(config: dict[str, Any]) -> None:
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
         metrics = {f"loss/{k}": v / max(steps, 1) for k, v in sums.items()}
-        metrics.update(round=round_, epoch=epoch, global_epoch=global_epoch, alpha=alpha_at(cfg, epoch), steps=steps)
+        metrics.update(round=round_, epoch=epoch, global_epoch=global_epoch, alpha=alpha_at(cfg, epoch), steps=steps,
+                       resumed_at=resumed_at)
+        if rank0 and cfg.train.eval_every and (global_epoch + 1) % cfg.train.eval_every == 0:
+            metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
+            if metrics["val/miou"] > best["val/miou"]:  # reference protocol: best epoch on val, kept apart
+                best = {"val/miou": metrics["val/miou"], "global_epoch": global_epoch}
+                _export(cfg, boot, round_, "best.pt")
+            metrics.update({f"best/{k}": v for k, v in best.items()})
+        if rank0 and mlflow_run:
+            log_epoch(*mlflow_run, metrics, step=global_epoch)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank0:
-                torch.save(boot.state(round_, epoch), Path(d) / "state.pt")
+                torch.save({**boot.state(round_, epoch), "best": best}, Path(d) / "state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
         epoch += 1
         global_epoch += 1
 
 
-def run_bootstrap(cfg: Config) -> dict[str, Any]:
-    """Train all rounds with a Ray Train TorchTrainer (DDP; NCCL on GPU, gloo on CPU); commit the final decoder."""
+def make_trainer(cfg: Config, run_name: str, callbacks: list | None = None,
+                 mlflow_run: tuple[str, str] | None = None) -> ray.train.torch.TorchTrainer:
+    """The TorchTrainer of all rounds: the bank-joined training set sharded per worker, the val set unsplit."""
+    path, fs = storage.ray_storage(storage.join(cfg.output, "ray_train"))
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_gpus() > 0
+    datasets = {"train": training_dataset(cfg)}
+    if cfg.train.eval_every:
+        datasets["val"] = val_dataset(cfg, list_samples(cfg, cfg.data.val_split))
+    return ray.train.torch.TorchTrainer(
+        train_loop, train_loop_config={"cfg": cfg, "mlflow_run": mlflow_run}, datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+
+
+def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Train all rounds on Ray Train (DDP; NCCL on GPU, gloo on CPU); commit the final (and best) decoder."""
     out = bootstrap_output(cfg)
     if out.is_committed():
         return out.manifest()
-    path, fs = storage.ray_storage(storage.join(cfg.output, "ray_train"))
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_gpus() > 0
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop, train_loop_config={"cfg": cfg}, datasets={"train": training_dataset(cfg)},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(name="bootstrap", storage_path=path, storage_filesystem=fs,
-                                       failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
+    result = make_trainer(cfg, "bootstrap", mlflow_run=mlflow_run).fit()
     last = len(cfg.train.round_epochs) - 1
     out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
     return out.commit({"rounds": last + 1, "epochs": sum(cfg.train.round_epochs), "final": "final.pt",

@@ -9,6 +9,7 @@ import ray
 from transfgu_dist import parts, storage
 from transfgu_dist.concepts import Concepts, fit_concepts
 from transfgu_dist.config import Config
+from transfgu_dist.datasets import inputs_root
 from transfgu_dist.stages.common import cluster_gpus
 from transfgu_dist.stages.extract import features_output
 from transfgu_dist.storage import StageOutput
@@ -17,7 +18,7 @@ CONCEPTS = "concepts.npz"
 
 
 def concepts_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(cfg.output, "concepts"))
+    return StageOutput(storage.join(inputs_root(cfg), "concepts"))
 
 
 def load_concepts(cfg: Config) -> Concepts:

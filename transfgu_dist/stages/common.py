@@ -28,6 +28,12 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def actor_pool() -> dict[str, Any]:
+    """map_batches arguments of an encoder actor pool: one actor per GPU, or one CPU actor."""
+    gpus = cluster_gpus()
+    return {"compute": ray.data.ActorPoolStrategy(size=max(gpus, 1)), "num_gpus": 1 if gpus else 0, "num_cpus": 1}
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -80,17 +86,17 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
     log.info("%s: %d images, %d already done, %d to process", out.uri, len(samples), len(samples) - len(pending),
              len(pending))
     if pending:
-        gpus = cluster_gpus()
         ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
         ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_part, num_cpus=1)
-        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part,
-                            concurrency=max(gpus, 1), num_gpus=1 if gpus else 0, num_cpus=1)
+        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
         ds.materialize()
     done, bad = parts.processed_ids(out)
     missing = {s.image_id for s in samples} - done - bad
     if missing:
         raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, e.g. {sorted(missing)[:3]}")
     if bad:
-        storage.write_bytes(storage.join(out.uri, "bad_images.txt"), "\n".join(sorted(bad)).encode())
+        listed = storage.join(out.uri, "bad_images.txt")
+        storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
+        log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), len(samples), listed)
     manifest = out.commit({"images": len(done), "bad_images": sorted(bad), **extra_manifest})
     return StageReport(len(done), len(pending), sorted(bad), manifest)

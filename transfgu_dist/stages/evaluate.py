@@ -18,12 +18,13 @@ import torch.nn.functional as F
 
 from transfgu_dist import storage, synthetic
 from transfgu_dist.config import Config
-from transfgu_dist.datasets import data_root, list_samples
+from transfgu_dist.datasets import Sample, data_root, list_samples
 from transfgu_dist.decoder import MaskTransformer
-from transfgu_dist.encoder import ARCHS, build_encoder
+from transfgu_dist.encoder import ARCHS, ViTEncoder, build_encoder
 from transfgu_dist.images import BadImageError, decode_label, normalize, resize_labels
+from transfgu_dist.label_maps import class_names as table_class_names, remap_label, table_name
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
-from transfgu_dist.stages.common import autocast, cluster_gpus, device, images_to_device, load_images
+from transfgu_dist.stages.common import actor_pool, autocast, device, images_to_device, load_images
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
 
@@ -68,7 +69,8 @@ def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
 
 
 def class_names(cfg: Config) -> list[str]:
-    """Ground-truth class names: the synthetic ones, `<data root>/classes.txt` (one a line), else `class_<i>`."""
+    """Ground-truth class names: the synthetic ones, `<data root>/classes.txt` (one a line), the label table's
+    (label_maps), else `class_<i>`."""
     n = cfg.data.n_classes
     source = storage.join(data_root(cfg), "classes.txt")
     if cfg.data.layout == "synthetic":
@@ -76,10 +78,35 @@ def class_names(cfg: Config) -> list[str]:
     elif storage.exists(source):
         names = [line.strip() for line in storage.read_bytes(source).decode().splitlines() if line.strip()]
     else:
-        return [f"class_{i}" for i in range(n)]
+        return table_class_names(cfg) or [f"class_{i}" for i in range(n)]
     if len(names) != n:
         raise ValueError(f"{source}: {len(names)} class names, but data.n_classes = {n}")
     return names
+
+
+def load_labeled_images(batch: dict[str, np.ndarray], size: tuple[int, int],
+                        label_map: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data CPU task: images (load_images) plus their GT labels resized (nearest) to the eval size, the
+    protocol resolution of reference sec 7.1; an unreadable image or label becomes all-ignore and `ok` False.
+    `label_map` names the label_maps table taking raw label values to class ids (None: read as class ids)."""
+    batch = load_images(batch, size)
+    gt = np.full((len(batch["label"]), *size), IGNORE, np.uint8)
+    for i, uri in enumerate(batch["label"]):
+        try:
+            gt[i] = resize_labels(remap_label(label_map, decode_label(storage.read_bytes(uri), uri)), size).numpy()
+        except (BadImageError, storage.StorageError) as e:
+            log.warning("skipping image: %s", e)
+            batch["ok"][i] = False
+    gt[~batch["ok"]] = IGNORE
+    return {**batch, "gt": gt}
+
+
+@torch.no_grad()
+def predict(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax (sec 7.1)."""
+    with autocast(images.device):
+        logits = decoder(encoder(normalize(images)).patch).logits
+    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(1).cpu().numpy()
 
 
 class Predictor:
@@ -92,23 +119,9 @@ class Predictor:
         self.decoder = decoder.to(self.dev).eval()
         self.size, self.n_classes, self.overlay_ids = tuple(cfg.eval.image_size), cfg.data.n_classes, overlay_ids
 
-    def _label(self, uri: str) -> np.ndarray | None:
-        """GT resized (nearest) to the eval size: the reference scores at the resized resolution (sec 7.1)."""
-        try:
-            return resize_labels(decode_label(storage.read_bytes(uri), uri), self.size).numpy()
-        except (BadImageError, storage.StorageError) as e:
-            log.warning("skipping image: %s", e)
-            return None
-
-    @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        labels = [self._label(uri) if ok else None for uri, ok in zip(batch["label"], batch["ok"])]
-        ok = np.array([lab is not None for lab in labels])
-        gt = np.stack([np.full(self.size, IGNORE, np.uint8) if lab is None else lab for lab in labels])
-        with autocast(self.dev):
-            logits = self.decoder(self.encoder(normalize(images_to_device(batch, self.dev))).patch).logits
-        pred = F.interpolate(logits.float(), size=self.size, mode="bilinear", align_corners=False).argmax(1)
-        pred = pred.cpu().numpy()
+        ok, gt = batch["ok"], batch["gt"]
+        pred = predict(self.encoder, self.decoder, images_to_device(batch, self.dev), self.size)
         shown = ok & np.isin(batch["image_id"], list(self.overlay_ids))
         return {"confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_classes, IGNORE)[None],
                 "n_images": np.array([ok.sum()]),
@@ -116,6 +129,14 @@ class Predictor:
                 "overlay_ids": np.array([list(batch["image_id"][shown])], dtype=object),
                 "overlay_image": batch["image"][shown][None], "overlay_gt": gt[shown][None],
                 "overlay_pred": pred[shown][None]}
+
+
+def val_dataset(cfg: Config, samples: list[Sample]) -> ray.data.Dataset:
+    """The val samples with images and GT at the eval size."""
+    ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image, "label": s.label} for s in samples])
+    label_map = table_name(cfg.data.layout, cfg.data.n_classes)
+    return ds.map_batches(load_labeled_images, fn_kwargs={"size": tuple(cfg.eval.image_size), "label_map": label_map},
+                          batch_size=cfg.eval.batch_size, num_cpus=1)
 
 
 def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
@@ -131,12 +152,9 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     decoder, names = load_decoder(checkpoint, cfg), class_names(cfg)
     samples = list_samples(cfg, cfg.data.val_split)
     overlay_ids = frozenset(s.image_id for s in samples[: cfg.eval.n_overlays])
-    size, gpus = tuple(cfg.eval.image_size), cluster_gpus()
-    ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image, "label": s.label} for s in samples])
-    ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=cfg.eval.batch_size, num_cpus=1)
-    ds = ds.map_batches(Predictor, fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
-                        batch_size=cfg.eval.batch_size, concurrency=max(gpus, 1), num_gpus=1 if gpus else 0,
-                        num_cpus=1)
+    ds = val_dataset(cfg, samples).map_batches(
+        Predictor, fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
+        batch_size=cfg.eval.batch_size, **actor_pool())
     rows = ds.take_all()
     n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in r["bad"])
     if not n_images:

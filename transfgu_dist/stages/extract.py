@@ -13,7 +13,7 @@ import torch
 from transfgu_dist import parts, storage
 from transfgu_dist.config import Config
 from transfgu_dist.crops import DROP, FG, classify_windows, cut_crops, fg_fraction, foreground_prior, sliding_windows, windows_to_boxes
-from transfgu_dist.datasets import list_samples
+from transfgu_dist.datasets import inputs_root, list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.stages.common import StageReport, autocast, device, images_to_device, run_image_stage
@@ -21,7 +21,7 @@ from transfgu_dist.storage import StageOutput
 
 
 def features_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(cfg.output, "features"))
+    return StageOutput(storage.join(inputs_root(cfg), "features"))
 
 
 class CropEncoder:

@@ -13,7 +13,7 @@ import torch
 from transfgu_dist import parts, storage
 from transfgu_dist.config import Config
 from transfgu_dist.crops import foreground_prior
-from transfgu_dist.datasets import list_samples
+from transfgu_dist.datasets import inputs_root, list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.pseudo_labels import gradcam
@@ -23,7 +23,7 @@ from transfgu_dist.storage import StageOutput
 
 
 def bank_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(cfg.output, "bank"))
+    return StageOutput(storage.join(inputs_root(cfg), "bank"))
 
 
 class ConceptMapper:

@@ -1,0 +1,45 @@
+"""Benchmarks of the hot paths against their ceilings (extract, pseudo_label, cluster, bootstrap); prints JSON.
+
+    python jobs/bench.py [--only extract,pseudo_label,cluster,bootstrap] [--size tiny|small|full] [--out FILE]
+
+Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
+See transfgu_dist/bench.py for what each figure means and docs/performance.md for measured numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from transfgu_dist import bench
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(bench.BENCHMARKS),
+                        help=f"comma-separated sub-benchmarks (default: all of {','.join(bench.BENCHMARKS)})")
+    parser.add_argument("--size", default="small", choices=list(bench.SIZES), help="problem sizes (default: small)")
+    parser.add_argument("--repeats", type=int, help="timed repeats of in-process measurements (default: per size)")
+    parser.add_argument("--workdir", help="scratch folder for data and stage outputs (default: a temporary one)")
+    parser.add_argument("--address", help="Ray cluster address (default: a private local Ray on 127.0.0.1)")
+    parser.add_argument("--out", help="also write the JSON document to this file")
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(bench.BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(bench.BENCHMARKS)})")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt the JSON on stdout
+        doc = bench.run(only, args.size, args.repeats, args.workdir, args.address, log)
+    text = json.dumps(doc, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The whole pipeline on a real local Ray, run the way users run it: `python jobs/<stage>.py ...` processes.
+
+One end-to-end run is shared; the resume, failure, DDP and `ray job submit` tests reuse its data and outputs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import free_port
+from transfgu_dist.config import load_config
+from transfgu_dist.parts import column_array, read_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["encoder.arch=vit_tiny_test", "encoder.weights=random", "data.synthetic_train=12", "data.synthetic_val=6",
+         "data.synthetic_size=64", "crops.image_size=[64, 64]", "crops.crop_size=32", "crops.images_per_task=3",
+         "pseudo.image_size=[64, 64]", "train.image_size=[64, 64]", "eval.image_size=[64, 64]",
+         "train.round_epochs=[1, 1]", "train.batch_size=6", "pseudo.batch_size=4"]
+pytestmark = pytest.mark.slow
+
+
+def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{stage}.py"), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def parquet_files(d: Path) -> list[Path]:
+    return sorted(d.glob("part-*.parquet"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("e2e")
+    log = job("run_all", f"output={out}", *SMALL)
+    assert "mIoU" in log and "stage wall times" in log
+    return out
+
+
+def test_end_to_end_outputs(run_dir):
+    cfg = load_config(overrides=SMALL)
+    K, d = cfg.n_concepts, 48
+    # extract: committed Parquet with the promised schema
+    features = read_table([str(p) for p in parquet_files(run_dir / "features")])
+    assert (run_dir / "features" / "_SUCCESS.json").exists()
+    schema = pq.read_schema(parquet_files(run_dir / "features")[0])
+    assert schema.names == ["image_id", "beta", "box", "fg_fraction", "is_fg", "feature"]
+    assert schema.field("feature").type == pa.list_(pa.float16(), d)
+    assert features.num_rows > 0 and set(features.column("image_id").to_pylist()) <= {f"{i:06d}" for i in range(12)}
+    assert set(np.unique(features.column("beta").to_numpy())) <= set(np.float32(cfg.crops.betas))
+    # cluster: K concepts of width d, foreground first
+    with np.load(run_dir / "concepts" / "concepts.npz") as c:
+        assert c["centroids"].shape == (K, d) and c["is_fg"].tolist() == [True] * 4 + [False] * 4
+    # pseudo-label bank: one row per training image, maps decode to (K, h, w)
+    bank = read_table([str(p) for p in parquet_files(run_dir / "bank")])
+    assert bank.num_rows == 12
+    maps = column_array(bank, "maps", (K, 8, 8))
+    assert maps.dtype == np.float16 and np.isfinite(maps).all()
+    assert column_array(bank, "fg_prior", (8, 8)).dtype == bool
+    # bootstrap: a checkpoint per round and the final one
+    for name in ("round-0.pt", "round-1.pt", "final.pt"):
+        ckpt = torch.load(run_dir / "bootstrap" / name, weights_only=True)
+        assert ckpt["n_outputs"] == K and ckpt["decoder"]["cls_emb"].shape == (1, K, d)
+    # evaluate: metrics and pictures
+    import json
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert 0 <= metrics["miou"] <= 1 and metrics["n_images"] == 6
+    assert (run_dir / "evaluate" / "confusion.png").exists() and list((run_dir / "evaluate" / "overlays").glob("*.png"))
+
+
+def test_mlflow_tracks_every_stage(run_dir):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("transfgu-dist").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "run_all"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"extract", "cluster", "pseudo_label", "bootstrap", "evaluate"}
+    assert children["bootstrap"].data.params["loss.omega2"] == "0.3"
+    history = client.get_metric_history(children["bootstrap"].info.run_id, "val_miou")
+    assert [m.step for m in history] == [0, 1]
+    evaluate = children["evaluate"]
+    assert 0 <= evaluate.data.metrics["miou"] <= 1
+    files = {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")}
+    assert {"evaluate/metrics.json", "evaluate/confusion.png", "evaluate/per_class_iou.png"} <= files
+    assert children["bootstrap"].data.tags["checkpoint"].endswith("bootstrap/final.pt")
+
+
+def test_rerun_skips_committed_stages(run_dir):
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
+    log = job("run_all", f"output={run_dir}", *SMALL)
+    assert "mIoU" in log
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")} == before
+
+
+def test_extract_resumes_after_kill(run_dir, tmp_path):
+    """Kill extraction once its first part is committed; the rerun finishes the rest with the same rows."""
+    out = tmp_path / "killed"
+    args = [sys.executable, str(ROOT / "jobs" / "extract.py"), f"output={out}", f"data.root={run_dir / 'data'}", *SMALL]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not parquet_files(out / "features") and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in parquet_files(out / "features")}
+    assert first and not (out / "features" / "_SUCCESS.json").exists(), "the kill came too late to test a resume"
+    job("extract", f"output={out}", f"data.root={run_dir / 'data'}", *SMALL)
+    assert (out / "features" / "_SUCCESS.json").exists()
+    assert {n: (out / "features" / n).stat().st_mtime_ns for n in first} == first  # committed parts not redone
+    key = ["image_id", "beta", "box"]
+    resumed = read_table([str(p) for p in parquet_files(out / "features")]).sort_by([("image_id", "ascending")])
+    clean = read_table([str(p) for p in parquet_files(run_dir / "features")]).sort_by([("image_id", "ascending")])
+    rows = lambda t: sorted(zip(*(t.column(k).to_pylist() for k in key)))  # noqa: E731
+    assert rows(resumed) == rows(clean)
+
+
+def copy_bank(run_dir: Path, dst: Path) -> Path:
+    for stage in ("data", "features", "concepts", "bank"):
+        shutil.copytree(run_dir / stage, dst / stage)
+    return dst
+
+
+def test_bootstrap_ddp_two_workers_survives_a_worker_failure(run_dir, tmp_path):
+    """2 DDP workers (gloo); one crashes once at epoch 1 and the group restarts from the epoch-0 checkpoint."""
+    out = copy_bank(run_dir, tmp_path / "ddp")
+    marker = tmp_path / "failed-once"
+    job("bootstrap", f"output={out}", f"data.root={out / 'data'}", *SMALL, "train.num_workers=2",
+        "train.cpus_per_worker=0.5", env={"TRANSFGU_FAIL_ONCE_AT_EPOCH": f"1:{marker}"})
+    assert marker.exists()
+    import json
+    manifest = json.loads((out / "bootstrap" / "_SUCCESS.json").read_text())
+    assert manifest["workers"] == 2 and manifest["metrics"]["resumed_at"] == 1
+    for name in ("round-0.pt", "round-1.pt"):
+        one = torch.load(run_dir / "bootstrap" / name, weights_only=True)["decoder"]
+        two = torch.load(out / "bootstrap" / name, weights_only=True)["decoder"]
+        assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
+
+
+def test_ray_job_submit_to_a_started_head(run_dir, tmp_path):
+    """`ray start --head` then `ray job submit -- python jobs/run_all.py`: only evaluate is left to run."""
+    out = copy_bank(run_dir, tmp_path / "submitted")
+    shutil.copytree(run_dir / "bootstrap", out / "bootstrap")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+                   check=True, capture_output=True, env=env, timeout=120)
+    try:
+        proc = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                               "--runtime-env", "cluster/runtime_env.yaml", "--",
+                               "python", "jobs/run_all.py", f"output={out}", f"data.root={out / 'data'}", *SMALL],
+                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "mIoU" in proc.stdout and "succeeded" in proc.stdout
+        assert (out / "evaluate" / "_SUCCESS.json").exists()
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)

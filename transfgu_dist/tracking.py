@@ -1,0 +1,78 @@
+"""MLflow tracking: the pipeline is a run, each stage a nested run with the full config, metrics and artifacts.
+
+The tracking URI comes from `mlflow_uri`, else MLFLOW_TRACKING_URI, else a SQLite store under the output folder
+(`mlflow ui --backend-store-uri sqlite:///<output>/mlflow.db` opens it).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from transfgu_dist import storage
+from transfgu_dist.config import Config, dump_yaml, to_dict
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return cfg.mlflow_uri or os.environ["MLFLOW_TRACKING_URI"]
+    base = Path(cfg.output if "://" not in cfg.output else "outputs").resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{base / 'mlflow.db'}"
+
+
+def flat_params(cfg: Config) -> dict[str, Any]:
+    """The full config as `section.key` params."""
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items():
+        out.update({f"{k}.{kk}": vv for kk, vv in v.items()} if isinstance(v, dict) else {k: v})
+    return out
+
+
+def use_experiment(cfg: Config) -> str:
+    """Point mlflow at the tracking store and the experiment (created with artifacts beside a SQLite store)."""
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+
+
+@contextmanager
+def run(cfg: Config, name: str, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run with the full config as params and as `config.yaml`."""
+    experiment = use_experiment(cfg)
+    with mlflow.start_run(experiment_id=experiment, run_name=name, nested=nested, tags=tags) as active:
+        mlflow.log_params(flat_params(cfg))
+        mlflow.log_text(dump_yaml(cfg), "config.yaml")
+        yield active
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Per-epoch metrics from a training worker (no active run there)."""
+    now = int(time.time() * 1000)
+    numbers = [Metric(k.replace("/", "_"), float(v), now, step) for k, v in metrics.items()
+               if isinstance(v, (int, float))]
+    MlflowClient(uri).log_batch(run_id, metrics=numbers)
+
+
+def log_outputs(uri: str, artifact_path: str, suffixes: tuple[str, ...] = (".json", ".png")) -> None:
+    """Copy a stage's result files (local or s3://) into the active run's artifacts."""
+    with tempfile.TemporaryDirectory() as d:
+        for f in storage.list_files(uri, suffixes):
+            local = Path(d) / f[len(uri):].strip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(storage.read_bytes(f))
+        mlflow.log_artifacts(d, artifact_path)
