@@ -84,3 +84,34 @@ def s3_bucket(s3_server):
         yield f"s3://{name}"
     finally:
         storage.configure(None)
+
+
+# ---- end-to-end runs of the jobs, shared by the pipeline, sweep and object-storage tests ----
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["encoder.arch=vit_tiny_test", "encoder.weights=random", "data.synthetic_train=12", "data.synthetic_val=6",
+         "data.synthetic_size=64", "crops.image_size=[64, 64]", "crops.crop_size=32", "crops.images_per_task=3",
+         "pseudo.image_size=[64, 64]", "train.image_size=[64, 64]", "eval.image_size=[64, 64]",
+         "train.round_epochs=[1, 1]", "train.batch_size=6", "pseudo.batch_size=4"]
+
+
+def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int = 900) -> str:
+    """Run `python jobs/<stage>.py args...` as a user would; fail with its output when it fails."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", f"{stage}.py"), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory):
+    """One complete `jobs/run_all.py` run on small synthetic data (a real local Ray); returns its output."""
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("e2e")
+    log = job("run_all", f"output={out}", *SMALL)
+    assert "mIoU" in log and "stage wall times" in log
+    return Path(out)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,23 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import SMALL, free_port, job
 from transfgu_dist.config import load_config
 from transfgu_dist.parts import column_array, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["encoder.arch=vit_tiny_test", "encoder.weights=random", "data.synthetic_train=12", "data.synthetic_val=6",
-         "data.synthetic_size=64", "crops.image_size=[64, 64]", "crops.crop_size=32", "crops.images_per_task=3",
-         "pseudo.image_size=[64, 64]", "train.image_size=[64, 64]", "eval.image_size=[64, 64]",
-         "train.round_epochs=[1, 1]", "train.batch_size=6", "pseudo.batch_size=4"]
 pytestmark = pytest.mark.slow
-
-
-def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{stage}.py"), *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
-    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
 
 
 def parquet_files(d: Path) -> list[Path]:
@@ -42,11 +32,8 @@ def parquet_files(d: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("e2e")
-    log = job("run_all", f"output={out}", *SMALL)
-    assert "mIoU" in log and "stage wall times" in log
-    return out
+def run_dir(e2e_run) -> Path:
+    return e2e_run
 
 
 def test_end_to_end_outputs(run_dir):
@@ -85,7 +72,7 @@ def test_mlflow_tracks_every_stage(run_dir):
 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("transfgu-dist").experiment_id])
-    (parent,) = [r for r in runs if r.info.run_name == "run_all"]
+    parent = min((r for r in runs if r.info.run_name == "run_all"), key=lambda r: r.info.start_time)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"extract", "cluster", "pseudo_label", "bootstrap", "evaluate"}
     assert children["bootstrap"].data.params["loss.omega2"] == "0.3"
@@ -151,23 +138,39 @@ def test_bootstrap_ddp_two_workers_survives_a_worker_failure(run_dir, tmp_path):
         assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
 
 
+def stop_cluster(temp_dir: str) -> None:
+    """Kill only the Ray processes of the cluster started with `temp_dir` (`ray stop` would kill every Ray here)."""
+    for proc in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if temp_dir in proc.read_text(errors="ignore"):
+                os.kill(int(proc.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
 def test_ray_job_submit_to_a_started_head(run_dir, tmp_path):
     """`ray start --head` then `ray job submit -- python jobs/run_all.py`: only evaluate is left to run."""
     out = copy_bank(run_dir, tmp_path / "submitted")
     shutil.copytree(run_dir / "bootstrap", out / "bootstrap")
     ray_bin = str(Path(sys.executable).parent / "ray")
     port, dash = free_port(), free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # Ray >= 2.5x: token auth by default
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=120)
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}"], check=True, capture_output=True, env=env, timeout=180)
     try:
-        proc = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-                               "--runtime-env", "cluster/runtime_env.yaml", "--",
-                               "python", "jobs/run_all.py", f"output={out}", f"data.root={out / 'data'}", *SMALL],
-                              cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        for _ in range(30):  # the job agent comes up a little after the head
+            proc = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+                                   ".", "--runtime-env", "cluster/runtime_env.yaml", "--", "python",
+                                   "jobs/run_all.py", f"output={out}", f"data.root={out / 'data'}", *SMALL],
+                                  cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "mIoU" in proc.stdout and "succeeded" in proc.stdout
         assert (out / "evaluate" / "_SUCCESS.json").exists()
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

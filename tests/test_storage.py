@@ -332,3 +332,31 @@ def test_ray_train_checkpoint_to_s3(s3_bucket, s3_server, tmp_path):
     ckpt = json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"]
     assert ckpt.startswith(s3_bucket[len("s3://"):] + "/ray_results/probe/checkpoint_")
     assert storage.read_bytes(f"s3://{ckpt}/state.txt") == b"epoch-0"
+
+
+# ------------------------------------------------------------------------------- other clients
+
+
+def test_error_for_boto3_errors(s3_bucket):
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    uri = "s3://nobucket/data"
+    missing = ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}},
+                          "ListObjectsV2")
+    assert str(storage.error_for(uri, missing, "list it")).startswith(f"{uri}: bucket 'nobucket' does not exist")
+    denied = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no such key id"}}, "PutObject")
+    msg = str(storage.error_for(uri, denied, "upload x"))
+    assert "access denied while trying to upload x" in msg and "credentials" in msg, msg
+    down = EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+    assert "cannot reach the S3 endpoint" in str(storage.error_for(uri, down, "list it"))
+    msg = str(storage.error_for(uri, NoCredentialsError(), "list it"))
+    assert msg.startswith(f"{uri}: no usable AWS credentials") and "AWS_ACCESS_KEY_ID" in msg
+
+
+def test_boto3_client_reaches_the_configured_endpoint(s3_bucket):
+    bucket, key = storage.split_s3(s3_bucket + "/a/b.txt")
+    assert key == "a/b.txt"
+    storage.boto3_client().put_object(Bucket=bucket, Key=key, Body=b"via boto3")
+    assert storage.read_bytes(s3_bucket + "/a/b.txt") == b"via boto3"
+    with pytest.raises(StorageError, match="expected an s3://"):
+        storage.split_s3("/local/path")

@@ -98,7 +98,6 @@ class LossConfig:
     background_channel: bool = False    # things-only presets: prepend ReLU(T_bg - max_k M_k) as channel 0
     diversity: str = "reference"        # paper: 1 + mean(CC^T)/sqrt(d) | reference: mean over pairs of 1 + cos
     label_norm: str = "minmax"          # none | minmax (reference: per-crop min-max of the pseudo label)
-    teacher_softmax: bool = True        # reference: Eq. 12 averages softmax(teacher) with the pseudo label
 
 
 @dataclass
@@ -162,12 +161,12 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {
         "pseudo.similarity": "dot", "pseudo.response": "paper", "pseudo.loss_scale": 1.0, "pseudo.split_fg_bg": True,
         "decoder.mask_head": "scaled_dot", "loss.alpha_step": 0.0, "loss.diversity": "paper",
-        "loss.label_norm": "none", "loss.teacher_softmax": False,
+        "loss.label_norm": "none",
     },
     "reference": {
         "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.split_fg_bg": False,
         "decoder.mask_head": "cosine_ln", "loss.alpha_step": 0.01, "loss.diversity": "reference",
-        "loss.label_norm": "minmax", "loss.teacher_softmax": True,
+        "loss.label_norm": "minmax",
     },
 }
 
@@ -233,7 +232,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
+def set_key(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    """Set `section.key` to `value`, type-checked; errors name `where` (a file, the command line, ...)."""
     target = cfg
     parts = dotted.split(".")
     for p in parts[:-1]:
@@ -286,7 +286,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for where, values in ((f"preset {preset}", PRESETS[preset]), (f"profile {profile}", PROFILES[profile]),
                           (str(path), _flatten(tree)), ("command line", cli)):
         for key, value in values.items():
-            _set(cfg, key, value, where)
+            set_key(cfg, key, value, where)
     validate(cfg)
     return cfg
 

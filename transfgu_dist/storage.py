@@ -308,7 +308,8 @@ def _translate(uri: str, exc: BaseException, expected: str) -> StorageError:
             uri, f"cannot reach the S3 endpoint{ep or ' (AWS default)'} while trying to "
                  f"{expected} [{_first_line(msg)}]")
     if isinstance(exc, FileNotFoundError) or "path does not exist" in low \
-            or "no_such_key" in low or "nosuchkey" in low:
+            or "no_such_key" in low or "nosuchkey" in low \
+            or (s3 and ("(404)" in low or "not found" in low)):  # boto3 HeadObject: "(404) ... Not Found"
         if s3 and _bucket_exists(uri) is False:
             return StorageError(uri, f"bucket '{bucket}' does not exist{ep}")
         if s3:

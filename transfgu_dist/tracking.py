@@ -24,7 +24,8 @@ from transfgu_dist.config import Config, dump_yaml, to_dict
 def tracking_uri(cfg: Config) -> str:
     if cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return cfg.mlflow_uri or os.environ["MLFLOW_TRACKING_URI"]
-    base = Path(cfg.output if "://" not in cfg.output else "outputs").resolve()
+    root = cfg.source or cfg.output  # a sweep or a reuse of a bank lands in the source run's store
+    base = Path(root if "://" not in root else "outputs").resolve()
     base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{base / 'mlflow.db'}"
 
@@ -51,12 +52,13 @@ def use_experiment(cfg: Config) -> str:
 
 
 @contextmanager
-def run(cfg: Config, name: str, nested: bool = False, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run with the full config as params and as `config.yaml`."""
+def run(cfg: Config, name: str, nested: bool = False, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run with the full config as params and as `config.yaml`; `run_id` continues an earlier one."""
     experiment = use_experiment(cfg)
-    with mlflow.start_run(experiment_id=experiment, run_name=name, nested=nested, tags=tags) as active:
-        mlflow.log_params(flat_params(cfg))
-        mlflow.log_text(dump_yaml(cfg), "config.yaml")
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=name, nested=nested) as active:
+        if run_id is None:
+            mlflow.log_params(flat_params(cfg))
+            mlflow.log_text(dump_yaml(cfg), "config.yaml")
         yield active
 
 

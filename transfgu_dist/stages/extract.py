@@ -56,7 +56,7 @@ class CropEncoder:
             boxes.append(torch.cat([torch.full((len(keep), 1), float(i)), self.boxes[keep]], dim=1))
         boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 5)
         features = [np.zeros((0, self.encoder.dim), np.float16)]
-        for chunk in boxes_t.to(self.dev).split(crops_cfg.batch_size):
+        for chunk in boxes_t.to(self.dev).split(crops_cfg.batch_size) if len(boxes_t) else ():  # () if all bad
             crops = cut_crops(images, chunk, crops_cfg.crop_size)
             with autocast(self.dev):
                 features.append(self.encoder(crops, with_patch=False).cls.to(torch.float16).cpu().numpy())

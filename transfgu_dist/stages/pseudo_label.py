@@ -38,8 +38,12 @@ class ConceptMapper:
         ok = batch["ok"]
         ids = [str(i) for i in batch["image_id"][ok]]
         images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
-        with autocast(self.dev):
-            maps, attn = gradcam(self.encoder, images, self.concepts, self.cfg.pseudo)
+        if ids:
+            with autocast(self.dev):
+                maps, attn = gradcam(self.encoder, images, self.concepts, self.cfg.pseudo)
+        else:  # every image of the batch unreadable: an empty part records them
+            h, w = (s // self.encoder.patch_size for s in self.cfg.pseudo.image_size)
+            maps, attn = torch.zeros(0, len(self.concepts), h, w), torch.zeros(0, h, w)
         h, w = attn.shape[-2:]
         table = pa.table({
             "image_id": pa.array(ids, pa.string()),

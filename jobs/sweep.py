@@ -1,0 +1,47 @@
+"""Ray Tune sweep over alpha, omega1, omega2 and T_bg on an existing pseudo-label bank, tracked in MLflow.
+
+    python jobs/sweep.py tune_spaces/synthetic.yaml [--source OUTPUT] [--output SWEEP_OUTPUT] [section.key=value ...]
+
+--source is a run_all output whose bank the trials reuse (default outputs/<preset>); the sweep writes
+SWEEP_OUTPUT/best.yaml, which `python jobs/run_all.py --config SWEEP_OUTPUT/best.yaml` runs in full.
+Rerunning the same command after the driver died resumes the sweep without rerunning finished trials.
+"""
+import argparse
+import json
+import logging
+import os
+
+from transfgu_dist import storage
+from transfgu_dist.config import ConfigError, load_config
+from transfgu_dist.stages.common import init_ray
+from transfgu_dist.stages.pseudo_label import bank_output
+from transfgu_dist.sweep import load_spec, run_sweep, with_params
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("space", help="search-space YAML (tune_spaces/*.yaml)")
+    parser.add_argument("--source", help="run output holding the pseudo-label bank (default outputs/<preset>)")
+    parser.add_argument("--output", help="sweep output (default <source>/sweeps/<space file name>)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value for the base config")
+    args = parser.parse_intermixed_args()
+    spec = load_spec(args.space)
+    base = load_config(overrides=args.overrides, preset=spec.preset)
+    source = args.source or f"outputs/{spec.preset}"
+    base.source = source if "://" in source else os.path.abspath(source)
+    if not bank_output(base).is_committed():
+        raise ConfigError(f"{base.source}: no committed pseudo-label bank (bank/_SUCCESS.json); run "
+                          f"jobs/run_all.py with output={source} first")
+    name = os.path.splitext(os.path.basename(args.space))[0]
+    output = args.output or storage.join(base.source, "sweeps", name)
+    base.output = output if "://" in output else os.path.abspath(output)
+    init_ray(args.address)
+    summary = run_sweep(spec, base, with_params(base, spec.trial, f"{args.space}: trial"), base.output)
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"best config: {storage.join(base.output, 'best.yaml')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Ray Tune sweeps over alpha, omega1, omega2 and T_bg (Eqs 8, 13, 16) on an existing pseudo-label bank.
+
+Each trial is a shortened bootstrap (a Ray Train TorchTrainer nested in the trial) reusing the `source` run's
+features, concepts and bank; T_bg is applied when labels are loaded, so no trial recomputes anything upstream.
+Trials report val mIoU per epoch, ASHA stops the weak ones, and every trial is an MLflow run nested under the
+sweep's run. A sweep whose driver died resumes with `Tuner.restore` without rerunning finished trials.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from transfgu_dist import storage, tracking
+from transfgu_dist.config import Config, ConfigError, dump_yaml, set_key
+
+TUNABLE = ("loss.alpha", "loss.omega1", "loss.omega2", "loss.t_bg", "train.lr", "train.round_epochs")
+DISTRIBUTIONS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
+                 "choice": tune.choice, "grid": tune.grid_search}
+SEARCHERS = ("random", "grid", "optuna", "hyperopt")
+
+
+@dataclass
+class SweepSpec:
+    """A search-space file (tune_spaces/*.yaml)."""
+    path: str
+    preset: str
+    space: dict[str, Any]                                    # param -> Tune domain
+    raw_space: dict[str, dict[str, list]]                    # param -> {distribution: args}, as written
+    trial: dict[str, Any] = field(default_factory=dict)      # overrides that shorten each trial
+    algorithm: str = "random"
+    num_samples: int = 4
+    max_concurrent_trials: int = 1
+    metric: str = "val/miou"
+    mode: str = "max"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    trial_cpus: float = 0.1                                  # the trial driver; its Train workers ask for their own
+
+
+def _domain(path: str, key: str, spec: Any) -> Any:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ConfigError(f"{path}: key 'space.{key}': expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}")
+    (kind, args), = spec.items()
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{path}: key 'space.{key}': {kind} needs a non-empty list of values")
+        return DISTRIBUTIONS[kind](args)
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
+        raise ConfigError(f"{path}: key 'space.{key}': {kind} needs [low, high]")
+    low, high = args
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise ConfigError(f"{path}: key 'space.{key}': empty range [{low}, {high}]")
+    return DISTRIBUTIONS[kind](low, high)
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Parse and validate a search-space file; a bad key or range is named with the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"search space {p} does not exist (expected a YAML file like tune_spaces/synthetic.yaml)")
+    doc = yaml.safe_load(p.read_text()) or {}
+    unknown = set(doc) - {"preset", "trial", "space", "search"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown key '{sorted(unknown)[0]}' (known: preset, trial, space, search)")
+    raw = doc.get("space") or {}
+    if not raw:
+        raise ConfigError(f"{p}: key 'space' is empty: nothing to search")
+    for key in raw:
+        if key not in TUNABLE:
+            raise ConfigError(f"{p}: unknown parameter 'space.{key}' (tunable: {', '.join(TUNABLE)})")
+    search = dict(doc.get("search") or {})
+    known = {f for f in SweepSpec.__dataclass_fields__} - {"path", "preset", "space", "raw_space", "trial"}
+    for key in search:
+        if key not in known:
+            raise ConfigError(f"{p}: unknown key 'search.{key}' (known: {', '.join(sorted(known))})")
+    spec = SweepSpec(path=str(p), preset=doc.get("preset", "synthetic"),
+                     space={k: _domain(str(p), k, v) for k, v in raw.items()}, raw_space=raw,
+                     trial=dict(doc.get("trial") or {}), **search)
+    if spec.algorithm not in SEARCHERS:
+        raise ConfigError(f"{p}: key 'search.algorithm' = {spec.algorithm!r}: expected one of {', '.join(SEARCHERS)}")
+    return spec
+
+
+def with_params(cfg: Config, params: dict[str, Any], where: str) -> Config:
+    out = copy.deepcopy(cfg)
+    for key, value in params.items():
+        set_key(out, key, value, where)
+    return out
+
+
+def run_trial(params: dict[str, Any], base: Config, sweep_output: str) -> None:
+    """One trial: a shortened bootstrap from the source bank, val metrics reported to Tune every epoch."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from transfgu_dist.stages.bootstrap import make_trainer
+
+    name = tune.get_context().get_trial_id()
+    cfg = with_params(base, params, f"trial {name}")
+    cfg.output = storage.join(sweep_output, "trials", name)
+    result = make_trainer(cfg, "bootstrap", callbacks=[TuneReportCallback()]).fit()
+    storage.write_json(storage.join(cfg.output, "trial.json"), {"params": params, "metrics": result.metrics})
+
+
+def _searcher(spec: SweepSpec):
+    if spec.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        return OptunaSearch()
+    if spec.algorithm == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+        return HyperOptSearch()
+    return None  # random and grid: Tune's basic variant generator
+
+
+def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: str) -> dict[str, Any]:
+    """Run (or resume) the sweep; write `best.yaml`, a full run config with the best parameters."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    path, fs = storage.ray_storage(sweep_output)
+    experiment = storage.join(sweep_output, "tune")
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=trial_base, sweep_output=sweep_output),
+                                    {"cpu": spec.trial_cpus})
+    parent_uri = storage.join(sweep_output, "mlflow_parent.json")
+    parent = storage.read_json(parent_uri)["run_id"] if storage.exists(parent_uri) else None
+    with tracking.run(base, "sweep", run_id=parent) as active:
+        storage.write_json(parent_uri, {"run_id": active.info.run_id})
+        mlflow_cb = MLflowLoggerCallback(tracking.tracking_uri(base), experiment_name=base.experiment,
+                                         tags={"mlflow.parentRunId": active.info.run_id})
+        if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+            tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=fs)
+        else:
+            scheduler = tune.schedulers.ASHAScheduler(max_t=sum(trial_base.train.round_epochs),
+                                                      grace_period=spec.grace_period,
+                                                      reduction_factor=spec.reduction_factor)
+            tuner = tune.Tuner(
+                trainable, param_space=spec.space,
+                tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                            max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
+                                            search_alg=_searcher(spec)),
+                run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs,
+                                          callbacks=[mlflow_cb]))
+        results = tuner.fit()
+        best = results.get_best_result(spec.metric, spec.mode, scope="all")
+        best_cfg = with_params(base, best.config, "best trial")
+        best_cfg.output = storage.join(sweep_output, "best")
+        storage.write_bytes(storage.join(sweep_output, "best.yaml"), dump_yaml(best_cfg).encode())
+        summary = {"best_params": best.config, "best_metrics": {k: v for k, v in best.metrics.items()
+                                                                if isinstance(v, (int, float))},
+                   "trials": len(results), "errors": len(results.errors)}
+        import mlflow
+        mlflow.log_dict(summary, "sweep_summary.json")
+        mlflow.log_metric("best_" + spec.metric.replace("/", "_"), summary["best_metrics"].get(spec.metric, 0.0))
+    return summary
