@@ -40,7 +40,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 def make_config(output: Path, data: Path, *extra: str) -> Config:
     return load_config(overrides=[f"output={output}", f"data.root={data}", f"eval.image_size=[{SIZE}, {SIZE}]",
-                                  "eval.batch_size=4", "eval.n_overlays=2", *extra])
+                                  "eval.batch_size=4", "eval.n_overlays=2", "encoder.arch=vit_tiny_test",
+                                  "encoder.weights=random", *extra])
 
 
 def save_checkpoint(cfg: Config, path: Path, **override) -> str:

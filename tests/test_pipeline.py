@@ -148,14 +148,15 @@ def stop_cluster(temp_dir: str) -> None:
             pass
 
 
-def test_ray_job_submit_to_a_started_head(run_dir, tmp_path):
-    """`ray start --head` then `ray job submit -- python jobs/run_all.py`: only evaluate is left to run."""
-    out = copy_bank(run_dir, tmp_path / "submitted")
-    shutil.copytree(run_dir / "bootstrap", out / "bootstrap")
-    ray_bin = str(Path(sys.executable).parent / "ray")
+def test_ray_job_submit_paper_profile_end_to_end(run_dir, tmp_path):
+    """`ray start --head`, then `ray job submit -- python jobs/run_all.py --profile paper`: every stage runs."""
+    out = tmp_path / "submitted"
+    bin_dir = str(Path(sys.executable).parent)
+    ray_bin = os.path.join(bin_dir, "ray")
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}  # Ray >= 2.5x: token auth by default
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",  # Ray >= 2.5x: token auth by default
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # the job's `python` is this environment's
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
                     f"--temp-dir={temp_dir}"], check=True, capture_output=True, env=env, timeout=180)
@@ -163,14 +164,17 @@ def test_ray_job_submit_to_a_started_head(run_dir, tmp_path):
         for _ in range(30):  # the job agent comes up a little after the head
             proc = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
                                    ".", "--runtime-env", "cluster/runtime_env.yaml", "--", "python",
-                                   "jobs/run_all.py", f"output={out}", f"data.root={out / 'data'}", *SMALL],
+                                   "jobs/run_all.py", "--profile", "paper", f"output={out}",
+                                   f"data.root={run_dir / 'data'}", *SMALL],
                                   cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
             if "No available agent" not in proc.stdout + proc.stderr:
                 break
             time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "mIoU" in proc.stdout and "succeeded" in proc.stdout
-        assert (out / "evaluate" / "_SUCCESS.json").exists()
+        for stage in ("features", "concepts", "bank", "bootstrap", "evaluate"):
+            assert (out / stage / "_SUCCESS.json").exists(), stage
+        assert load_config(out / "config.yaml").pseudo.response == "paper"
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

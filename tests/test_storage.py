@@ -323,11 +323,15 @@ def test_ray_train_checkpoint_to_s3(s3_bucket, s3_server, tmp_path):
 
     Runs in a fresh interpreter (its own local Ray instance) that inherits the test AWS
     environment, so Ray workers talk to 127.0.0.1 only."""
-    env = dict(os.environ)
+    env = dict(os.environ, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", _RAY_TRAIN_SCRIPT, s3_bucket + "/ray_results"],
-                          env=env, capture_output=True, text=True, timeout=300,
-                          cwd=str(tmp_path))
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-c", _RAY_TRAIN_SCRIPT, s3_bucket + "/ray_results"],
+                              env=env, capture_output=True, text=True, timeout=300,
+                              cwd=str(tmp_path))
+        # Ray gives a starting raylet a fixed 30 s; on a loaded 2-core machine that can pass.
+        if proc.returncode == 0 or "timed out during startup" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"]
     assert ckpt.startswith(s3_bucket[len("s3://"):] + "/ray_results/probe/checkpoint_")

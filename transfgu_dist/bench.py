@@ -99,9 +99,9 @@ SIZES: dict[str, BenchSize] = {
                       ExtractSize("vit_tiny_test", images=6, image_size=64, crop_size=32, batch_size=64,
                                   images_per_task=2),
                       PseudoSize("vit_tiny_test", batch_size=4, image_size=64),
-                      ClusterSize(points=4_000, niter=4, parquet_rows=4_000, rows_per_part=500),
+                      ClusterSize(points=8_000, niter=4, parquet_rows=4_000, rows_per_part=500),
                       BootstrapSize("vit_tiny_test", images=8, image_size=64, batch_size=4, epochs=1, k=8),
-                      repeats=2),
+                      repeats=3),
     # minutes on 2 CPU cores: the real ViT-S/8 at the synthetic preset's image sizes
     "small": BenchSize("small",
                        ExtractSize("vit_small_patch8", images=8, image_size=128, crop_size=64, batch_size=64,
@@ -109,7 +109,7 @@ SIZES: dict[str, BenchSize] = {
                        PseudoSize("vit_small_patch8", batch_size=8, image_size=128),
                        ClusterSize(points=200_000, niter=20, parquet_rows=200_000, rows_per_part=560),
                        BootstrapSize("vit_small_patch8", images=32, image_size=128, batch_size=16, epochs=2, k=27),
-                       repeats=3),
+                       repeats=5),
     # the paper's sizes (COCO-Stuff): meant for a GPU node; k-means on 1M points also runs on CPU in minutes
     "full": BenchSize("full",
                       ExtractSize("vit_small_patch8", images=64, image_size=640, crop_size=320, batch_size=64,
@@ -397,7 +397,7 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
     torch = _torch()
     from transfgu_dist.encoder import build_encoder
     from transfgu_dist.stages.common import autocast
-    from transfgu_dist.stages.extract import run_extract
+    from transfgu_dist.stages.extract import features_output, run_extract
 
     overrides = [f"encoder.arch={size.arch}", f"crops.image_size=[{size.image_size}, {size.image_size}]",
                  f"crops.crop_size={size.crop_size}", f"crops.batch_size={size.batch_size}",
@@ -411,7 +411,7 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
         start = time.perf_counter()
         report = run_extract(cfg)
         wall = time.perf_counter() - start
-    part_files = sorted(Path(cfg.output, "features").glob("part-*.parquet"))
+    part_files = sorted(Path(features_output(cfg).uri).glob("part-*.parquet"))
     crops = sum(pq.read_metadata(p).num_rows for p in part_files)
     steady, steady_crops, span = _steady_rate(part_files, lambda p: pq.read_metadata(p).num_rows)
 
@@ -512,7 +512,7 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
             timings[f"gradcam_k{k}"] = measure(batched, repeats)
         memory[f"gradcam_k{k}"] = mem.result
         timings[f"forward_backward_k{k}"] = measure(forward_backward, repeats)
-        timings[f"per_concept_loop_k{k}"] = measure(per_concept, max(1, repeats - 1))
+        timings[f"per_concept_loop_k{k}"] = measure(per_concept, max(1, repeats // 2), warmup=0)  # warm already
         g = timings[f"gradcam_k{k}"]["median_s"]
         ratios[f"gradcam_vs_forward_backward_k{k}"] = g / timings[f"forward_backward_k{k}"]["median_s"]
         ratios[f"per_concept_loop_speedup_k{k}"] = timings[f"per_concept_loop_k{k}"]["median_s"] / g
@@ -698,14 +698,14 @@ def bare_bootstrapper(cfg):
 def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[str, Any]:
     torch = _torch()
     from transfgu_dist.encoder import ARCHS
-    from transfgu_dist.stages.bootstrap import run_bootstrap
+    from transfgu_dist.stages.bootstrap import bootstrap_output, run_bootstrap
 
     k_fg = size.k // 2
     img = f"[{size.image_size}, {size.image_size}]"
     overrides = [f"encoder.arch={size.arch}", f"data.synthetic_train={size.images}", f"data.limit={size.images}",
                  f"pseudo.image_size={img}", f"train.image_size={img}", f"crops.image_size={img}",
                  f"cluster.k_fg={k_fg}", f"cluster.k_bg={size.k - k_fg}", f"train.batch_size={size.batch_size}",
-                 f"train.round_epochs=[1, {size.epochs}]", "train.max_failures=0"]
+                 f"train.round_epochs=[1, {size.epochs}]", "train.max_failures=0", "train.eval_every=0"]
     _write_images(workdir / "data", size.images, size.image_size)
     timings, rates, ratios, memory = {}, {}, {}, {}
     notes = []
@@ -725,7 +725,7 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
             run_bootstrap(cfg)
             wall = time.perf_counter() - start
         memory[f"workers_{workers}"] = mem.result
-        boot_dir = Path(cfg.output, "bootstrap")
+        boot_dir = Path(bootstrap_output(cfg).uri)
         steady, samples, span = _steady_rate([boot_dir / "round-0.pt", boot_dir / "round-1.pt"],
                                              lambda p: size.epochs * size.images)
         timings[f"fit_wall_workers_{workers}"] = {"median_s": round(wall, 4), "runs_s": [round(wall, 4)]}

@@ -25,6 +25,11 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Settings that change how fast a stage runs, not what it writes.
+RESOURCE_KEYS = {"crops.batch_size", "crops.images_per_task", "pseudo.batch_size", "train.num_workers",
+                 "train.cpus_per_worker", "train.use_gpu", "train.max_failures", "eval.batch_size"}
+
+
 def _stage(name: str) -> Callable[[Config], Any]:
     """The stage's run function (imported lazily: `--help` stays fast)."""
     from transfgu_dist.stages import bootstrap, cluster, evaluate, extract, pseudo_label
@@ -64,6 +69,7 @@ def check_output(cfg: Config, stages: Sequence[str]) -> None:
         old, new = yaml.safe_load(storage.read_bytes(uri)), to_dict(cfg)
         changed = [f"{section}.{k}" for stage in stages for section in STAGE_INPUTS[stage]
                    for k in new[section] if old.get(section, {}).get(k) != new[section][k]
+                   and f"{section}.{k}" not in RESOURCE_KEYS
                    and storage.exists(storage.join(cfg.output, _dir(stage), "_SUCCESS.json"))]
         if changed:
             raise ConfigError(f"{cfg.output} holds committed results made with other settings ({', '.join(changed)}); "

@@ -125,7 +125,7 @@ class Predictor:
         shown = ok & np.isin(batch["image_id"], list(self.overlay_ids))
         return {"confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_classes, IGNORE)[None],
                 "n_images": np.array([ok.sum()]),
-                "bad": np.array([list(batch["image_id"][~ok])], dtype=object),
+                "bad": np.array(["\n".join(batch["image_id"][~ok])]),
                 "overlay_ids": np.array([list(batch["image_id"][shown])], dtype=object),
                 "overlay_image": batch["image"][shown][None], "overlay_gt": gt[shown][None],
                 "overlay_pred": pred[shown][None]}
@@ -156,7 +156,7 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
         Predictor, fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
         batch_size=cfg.eval.batch_size, **actor_pool())
     rows = ds.take_all()
-    n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in r["bad"])
+    n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in r["bad"].split("\n") if i)
     if not n_images:
         raise RuntimeError(f"{cfg.data.val_split}: none of the {len(samples)} validation images could be read")
     scores = scores_from_confusion(sum(r["confusion"] for r in rows))  # one matching over the whole split

@@ -1,0 +1,82 @@
+"""The benchmark job at its tiny size: it runs and its JSON document has every key; no timing is asserted.
+
+The in-process sub-benchmarks (pseudo_label, cluster) run in seconds; the Ray ones (extract, bootstrap) start a
+private local Ray and two Ray Train runs in a subprocess, so they are marked slow.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transfgu_dist import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def check_document(doc: dict, expected: list[str]) -> None:
+    assert doc["schema"] == bench.SCHEMA and doc["size"] == "tiny"
+    assert set(doc["benchmarks"]) == set(expected)
+    for name, result in doc["benchmarks"].items():
+        missing = [k for k in bench.BENCH_KEYS if k not in result]
+        assert not missing, f"{name}: missing keys {missing}"
+        assert result["device"].startswith(("cpu", "cuda")), result["device"]
+        assert {"torch", "ray", "faiss", "timm"} <= set(result["versions"])
+        assert result["sizes"] and result["timings"]
+        for label, timing in result["timings"].items():
+            assert positive(timing["median_s"]) and all(positive(t) for t in timing["runs_s"]), (name, label)
+        assert positive(result["ratio"]), (name, result["ratio"])
+        assert result["ratios"] and all(positive(v) for v in result["ratios"].values()), (name, result["ratios"])
+        assert isinstance(result["meets_target"], bool) and result["target"]
+        assert result["memory"], name
+        for where in result["memory"].values():
+            assert positive(where["driver_peak_rss_mb"]), (name, where)
+
+
+def test_in_process_benchmarks_tiny(tmp_path):
+    doc = json.loads(json.dumps(bench.run(["pseudo_label", "cluster"], size="tiny", workdir=tmp_path)))
+    check_document(doc, ["pseudo_label", "cluster"])
+    pseudo = doc["benchmarks"]["pseudo_label"]
+    assert pseudo["sizes"]["ks"] == [27, 171]
+    assert {f"gradcam_vs_forward_backward_k{k}" for k in (27, 171)} <= set(pseudo["ratios"])
+    assert {f"per_concept_loop_speedup_k{k}" for k in (27, 171)} <= set(pseudo["ratios"])
+    cluster = doc["benchmarks"]["cluster"]
+    assert cluster["sizes"]["dim"] == 384 and cluster["sizes"]["parquet_parts"] > 1
+    assert {"kmeans_vs_gemm_ceiling_k27", "kmeans_vs_gemm_ceiling_k171", "parquet_stage_vs_raw"} <= set(
+        cluster["ratios"])
+
+
+@pytest.mark.slow
+def test_bench_job_tiny_ray_benchmarks(tmp_path):
+    """`python jobs/bench.py --size tiny --only extract,bootstrap --out FILE`: JSON on stdout and in FILE."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--size", "tiny",
+                           "--only", "extract,bootstrap", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    doc = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == doc
+    check_document(doc, ["extract", "bootstrap"])
+    extract = doc["benchmarks"]["extract"]
+    assert extract["sizes"]["crops"] > 0 and extract["sizes"]["parts"] >= 2
+    assert {"pipeline_steady_vs_bare", "pipeline_end_to_end_vs_bare", "fg_prior_flops_fraction"} <= set(
+        extract["ratios"])
+    boot = doc["benchmarks"]["bootstrap"]
+    assert positive(boot["rates"]["samples_per_s_workers_1"]) and positive(boot["rates"]["samples_per_s_workers_2"])
+    assert positive(boot["rates"]["bare_step_samples_per_s"]) and positive(boot["ratios"]["workers_2_vs_1"])
+
+
+def test_bench_job_rejects_unknown_benchmark():
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--only", "extract,nope"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "nope" in proc.stderr
