@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, help="timed repeats of in-process measurements (default: per size)")
     parser.add_argument("--workdir", help="scratch folder for data and stage outputs (default: a temporary one)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local Ray on 127.0.0.1)")
+    parser.add_argument("--worker-threads", type=int,
+                        help="experiment: OMP_NUM_THREADS for the local Ray's workers (default: Ray's, the task's CPUs)")
     parser.add_argument("--out", help="also write the JSON document to this file")
     args = parser.parse_args(argv)
     only = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(bench.BENCHMARKS)})")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt the JSON on stdout
-        doc = bench.run(only, args.size, args.repeats, args.workdir, args.address, log)
+        doc = bench.run(only, args.size, args.repeats, args.workdir, args.address, log, args.worker_threads)
     text = json.dumps(doc, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -159,6 +159,7 @@ def test_ray_job_submit_paper_profile_end_to_end(run_dir, tmp_path):
            "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # the job's `python` is this environment's
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                    f"--dashboard-agent-listen-port={free_port()}",
                     f"--temp-dir={temp_dir}"], check=True, capture_output=True, env=env, timeout=180)
     try:
         for _ in range(30):  # the job agent comes up a little after the head

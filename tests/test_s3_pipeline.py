@@ -1,8 +1,8 @@
 """Object storage end to end against a REAL S3-compatible server (moto on 127.0.0.1, conftest.s3_server).
 
 The synthetic dataset (plus one corrupt image) is staged with `jobs/stage_dataset.py`, then the whole pipeline
-runs as `python jobs/run_all.py output=s3://... data.root=s3://...` (Ray Train checkpoints on S3 too) beside the
-same run on local paths; both must give the same metrics. Wrong credentials, a missing bucket and a corrupt image
+runs as `python jobs/run_all.py output=s3://... data.root=s3://...` (Ray Train checkpoints on S3 too); it must
+give exactly what the same run on local paths (conftest.e2e_run) gave. Wrong credentials, a missing bucket and a corrupt image
 each give their promised message.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,18 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import boto3_s3
+from conftest import SMALL, boto3_s3
 from test_storage import auth_s3_server  # noqa: F401  (fixture: a second moto server that checks credentials)
-from transfgu_dist import storage, synthetic
+from transfgu_dist import storage
 from transfgu_dist.config import load_config
 from transfgu_dist.datasets import list_samples
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["encoder.arch=vit_tiny_test", "encoder.weights=random", "data.synthetic_train=12", "data.synthetic_val=6",
-         "data.synthetic_size=64", "crops.image_size=[64, 64]", "crops.crop_size=32", "crops.images_per_task=3",
-         "pseudo.image_size=[64, 64]", "train.image_size=[64, 64]", "eval.image_size=[64, 64]",
-         "train.round_epochs=[1, 1]", "train.batch_size=6", "pseudo.batch_size=4"]
-CORRUPT = "zz_corrupt"  # a train image that is not an image: sorted last, so batches match with and without it
+CORRUPT = "zz_corrupt"  # a train image that is not an image: sorted last, so the other batches are unchanged
 
 
 def stage_dataset(src: Path | str, dst: str, *args: str, env: dict[str, str] | None = None,
@@ -41,18 +37,11 @@ def stage_dataset(src: Path | str, dst: str, *args: str, env: dict[str, str] | N
                           cwd=ROOT, text=True, capture_output=True, timeout=300, env={**os.environ, **(env or {})})
 
 
-def popen_run_all(output: str, data_root: str, log: Path, mlflow_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{mlflow_dir / 'mlflow.db'}"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "run_all.py"), f"output={output}",
-                             f"data.root={data_root}", *SMALL], cwd=ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # its own group: killable with Ray
-
-
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    synthetic.write_dataset(root, 12, 6, size=(64, 64), seed=2021)
+def dataset(e2e_run, tmp_path_factory) -> Path:
+    """The shared local run's synthetic data (conftest.e2e_run) plus one corrupt train image."""
+    root = tmp_path_factory.mktemp("staged") / "data"
+    shutil.copytree(e2e_run / "data", root)
     (root / "images" / "train" / f"{CORRUPT}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated, not an image")
     return root
 
@@ -65,27 +54,27 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(dataset, bucket, tmp_path_factory) -> dict:
-    """Stage the dataset, then run the pipeline on S3 and on local paths (one after the other: 2 CPU cores)."""
+def runs(e2e_run, dataset, bucket, tmp_path_factory) -> dict:
+    """Stage the dataset with jobs/stage_dataset.py, then run the whole pipeline with every path on S3. The
+    local-path run with the same settings is conftest.e2e_run (shared with the other end-to-end tests)."""
     proc = stage_dataset(dataset, f"{bucket}/data", "--workers", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tmp = tmp_path_factory.mktemp("runs")
-    local_out = tmp / "local"
-    logs, seconds = {}, {}
-    for name, output, data in (("s3", f"{bucket}/run", f"{bucket}/data"), ("local", str(local_out), str(dataset))):
-        (tmp / f"mlflow-{name}").mkdir()
-        started = time.monotonic()
-        p = popen_run_all(output, data, tmp / f"{name}.log", tmp / f"mlflow-{name}")
+    tmp = tmp_path_factory.mktemp("s3run")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    with (tmp / "run_all.log").open("w") as log:
+        p = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "run_all.py"), f"output={bucket}/run",
+                              f"data.root={bucket}/data", *SMALL], cwd=ROOT, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # its own group: killable with its Ray
         try:
             rc = p.wait(timeout=900)
         finally:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)  # the job and the local Ray it started
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-        seconds[name] = time.monotonic() - started
-        logs[name] = (tmp / f"{name}.log").read_text()
-        assert rc == 0, f"{name} run failed:\n{logs[name][-8000:]}"
-    return {"stage_log": proc.stderr, "logs": logs, "local": local_out, "s3": f"{bucket}/run", "seconds": seconds}
+    text = (tmp / "run_all.log").read_text()
+    assert rc == 0, f"the S3 run failed:\n{text[-8000:]}"
+    return {"stage_log": proc.stderr, "log": text, "local": e2e_run, "s3": f"{bucket}/run"}
 
 
 @pytest.mark.slow
@@ -159,16 +148,16 @@ def test_s3_run_matches_local_run(runs):
 
 @pytest.mark.slow
 def test_corrupt_image_is_skipped_counted_and_listed(runs):
-    for out in (runs["s3"], str(runs["local"])):
-        for stage in ("features", "bank"):
-            assert storage.read_bytes(storage.join(out, stage, "bad_images.txt")).decode().split() == [CORRUPT]
-            manifest = storage.read_json(storage.join(out, stage, "_SUCCESS.json"))
-            assert manifest["bad_images"] == [CORRUPT] and manifest["images"] == 12
-    log = runs["logs"]["s3"]
-    assert f"skipping image: {runs['s3'].rsplit('/', 1)[0]}/data/images/train/{CORRUPT}.png: expected an " \
-           f"RGB-convertible image" in log
-    assert f"{runs['s3']}/features: skipped 1 unreadable images of 13 (listed in {runs['s3']}/features/" \
-           f"bad_images.txt)" in log
+    out = runs["s3"]
+    for stage in ("features", "bank"):
+        assert storage.read_bytes(storage.join(out, stage, "bad_images.txt")).decode().split() == [CORRUPT]
+        manifest = storage.read_json(storage.join(out, stage, "_SUCCESS.json"))
+        assert manifest["bad_images"] == [CORRUPT] and manifest["images"] == 12
+    image = f"{out.rsplit('/', 1)[0]}/data/images/train/{CORRUPT}.png"
+    assert f"skipping image: {image}: expected an RGB-convertible image" in runs["log"]
+    for stage in ("features", "bank"):
+        assert f"{out}/{stage}: skipped 1 unreadable images of 13 (listed in {out}/{stage}/bad_images.txt)" \
+            in runs["log"]
 
 
 # ------------------------------------------------------------------------------------------ error messages

@@ -108,7 +108,7 @@ SIZES: dict[str, BenchSize] = {
                                    images_per_task=2),
                        PseudoSize("vit_small_patch8", batch_size=8, image_size=128),
                        ClusterSize(points=200_000, niter=20, parquet_rows=200_000, rows_per_part=560),
-                       BootstrapSize("vit_small_patch8", images=32, image_size=128, batch_size=16, epochs=2, k=27),
+                       BootstrapSize("vit_small_patch8", images=64, image_size=128, batch_size=16, epochs=2, k=27),
                        repeats=5),
     # the paper's sizes (COCO-Stuff): meant for a GPU node; k-means on 1M points also runs on CPU in minutes
     "full": BenchSize("full",
@@ -195,6 +195,23 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, A
         _sync()
         runs.append(time.perf_counter() - start)
     return {"median_s": statistics.median(runs), "runs_s": [round(r, 6) for r in runs]}
+
+
+def measure_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict]:
+    """Like `measure` for several functions, run in turn within each repeat, so that a ratio of two of them is
+    not skewed by load that drifts over time (other jobs sharing the cores)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, repeats)):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync()
+            runs[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(r), "runs_s": [round(x, 6) for x in r]} for name, r in runs.items()}
 
 
 def _r(x: float, digits: int = 4) -> float:
@@ -328,17 +345,37 @@ class PeakMemory:
 # ------------------------------------------------------------------------------------------------ Ray
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Join `address`, or start a private local Ray bound to 127.0.0.1 with every core of this machine."""
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: how busy the shared cores were (noisy figures are explained by them)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def ensure_ray(address: str | None = None, worker_threads: int | None = None) -> None:
+    """Join `address`, or start a private local Ray bound to 127.0.0.1 with every core of this machine.
+
+    worker_threads: OMP_NUM_THREADS for the local Ray's workers (Ray otherwise sets it to each task's or actor's
+    CPU count, 1 for the extract actor); an experiment knob to measure what a multi-threaded actor would give.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    if worker_threads:
+        os.environ["OMP_NUM_THREADS"] = str(worker_threads)
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+        for attempt in range(3):  # an overloaded machine can miss Ray's fixed 30 s raylet start-up wait
+            try:
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1")
+                break
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception on that time-out
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -407,15 +444,9 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
     # warm-up: one part, so the timed run finds Ray's worker processes started and torch imported
     run_extract(_config(workdir, "extract_warmup", [*overrides[:-1], f"data.limit={size.images_per_task}"]))
     cfg = _config(workdir, "extract", overrides)
-    with PeakMemory() as mem:
-        start = time.perf_counter()
-        report = run_extract(cfg)
-        wall = time.perf_counter() - start
-    part_files = sorted(Path(features_output(cfg).uri).glob("part-*.parquet"))
-    crops = sum(pq.read_metadata(p).num_rows for p in part_files)
-    steady, steady_crops, span = _steady_rate(part_files, lambda p: pq.read_metadata(p).num_rows)
 
-    # the ceiling: the bare encoder forward on the same device, crop size and batch size
+    # the ceiling: the bare encoder forward on the same device, crop size and batch size, measured before and
+    # after the pipeline run (medians over both) so that drifting load on shared cores hits both alike
     dev = _dev()
     encoder = build_encoder(cfg.encoder).to(dev)
     crops_t = torch.randn(size.batch_size, 3, size.crop_size, size.crop_size, device=dev)
@@ -424,25 +455,40 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
         with torch.no_grad(), autocast(dev):
             encoder(crops_t, with_patch=False)
 
-    with PeakMemory() as bare_mem:
-        bare_t = measure(bare, repeats)
-    timings = {"pipeline_wall": {"median_s": round(wall, 4), "runs_s": [round(wall, 4)]},
-               "pipeline_steady_span": {"median_s": round(span, 4), "runs_s": [round(span, 4)]},
-               "bare_forward_batch": bare_t}
-    bare_rate = size.batch_size / bare_t["median_s"]
-    rates = {"pipeline_crops_per_s": _r(crops / wall), "bare_crops_per_s": _r(bare_rate),
-             "pipeline_steady_crops_per_s": _r(steady) if steady else None}
+    def bare_1_thread() -> None:
+        with torch_threads(1):
+            bare()
+
+    fns = {"bare_forward_batch": bare}
     notes = []
-    bare1_rate = None
     if dev.type == "cpu" and torch.get_num_threads() > 1:
         # what one Ray actor with num_cpus=1 gets: Ray sets its OMP_NUM_THREADS (torch threads) to 1
-        with torch_threads(1):
-            bare1 = measure(bare, repeats)
-        timings["bare_forward_batch_1_thread"] = bare1
-        bare1_rate = size.batch_size / bare1["median_s"]
+        fns["bare_forward_batch_1_thread"] = bare_1_thread
+        notes.append("CPU: Ray gives the extract actor (num_cpus=1) OMP_NUM_THREADS=1 unless the environment sets "
+                     "it; bare_crops_per_s uses all cores of this process, bare_crops_per_s_1_thread one")
+    before = measure_interleaved(fns, repeats)
+    with PeakMemory() as bare_mem:
+        bare()
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        report = run_extract(cfg)
+        wall = time.perf_counter() - start
+    after = measure_interleaved(fns, repeats, warmup=0)
+    part_files = sorted(Path(features_output(cfg).uri).glob("part-*.parquet"))
+    crops = sum(pq.read_metadata(p).num_rows for p in part_files)
+    steady, steady_crops, span = _steady_rate(part_files, lambda p: pq.read_metadata(p).num_rows)
+    timings = {"pipeline_wall": {"median_s": round(wall, 4), "runs_s": [round(wall, 4)]},
+               "pipeline_steady_span": {"median_s": round(span, 4), "runs_s": [round(span, 4)]}}
+    for name in fns:
+        runs = before[name]["runs_s"] + after[name]["runs_s"]
+        timings[name] = {"median_s": statistics.median(runs), "runs_s": runs}
+    bare_rate = size.batch_size / timings["bare_forward_batch"]["median_s"]
+    rates = {"pipeline_crops_per_s": _r(crops / wall), "bare_crops_per_s": _r(bare_rate),
+             "pipeline_steady_crops_per_s": _r(steady) if steady else None}
+    bare1_rate = None
+    if "bare_forward_batch_1_thread" in timings:
+        bare1_rate = size.batch_size / timings["bare_forward_batch_1_thread"]["median_s"]
         rates["bare_crops_per_s_1_thread"] = _r(bare1_rate)
-        notes.append("CPU: the extract actor (num_cpus=1) runs torch with OMP_NUM_THREADS=1 as Ray sets it; "
-                     "bare_crops_per_s uses all cores, bare_crops_per_s_1_thread one")
     # the fg-prior forward of every full image, as a fraction of the crop forwards' FLOPs
     flops_image, flops_crop = encoder_flops(size.arch, size.image_size), encoder_flops(size.arch, size.crop_size)
     prior_fraction = report.processed * flops_image / max(crops * flops_crop, 1)
@@ -509,9 +555,10 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
                 response_maps(out.attn.detach(), grad, cfg)
 
         with PeakMemory() as mem:
-            timings[f"gradcam_k{k}"] = measure(batched, repeats)
+            batched()
         memory[f"gradcam_k{k}"] = mem.result
-        timings[f"forward_backward_k{k}"] = measure(forward_backward, repeats)
+        pair = measure_interleaved({"gradcam": batched, "forward_backward": forward_backward}, repeats)
+        timings[f"gradcam_k{k}"], timings[f"forward_backward_k{k}"] = pair["gradcam"], pair["forward_backward"]
         timings[f"per_concept_loop_k{k}"] = measure(per_concept, max(1, repeats // 2), warmup=0)  # warm already
         g = timings[f"gradcam_k{k}"]["median_s"]
         ratios[f"gradcam_vs_forward_backward_k{k}"] = g / timings[f"forward_backward_k{k}"]["median_s"]
@@ -609,10 +656,11 @@ def bench_cluster(size: ClusterSize, workdir: Path, repeats: int) -> dict[str, A
         return pq.read_table(uris, columns=columns)
 
     with PeakMemory() as mem:
-        timings["parquet_stage_read"] = measure(stage_read, repeats)
+        stage_read()
     memory["parquet_stage_read"] = mem.result
-    timings["parquet_raw_read"] = measure(raw_read, repeats)
-    timings["parquet_stage_read_table_only"] = measure(lambda: parts.read_table(uris, columns), repeats)
+    reads = measure_interleaved({"parquet_stage_read": stage_read, "parquet_raw_read": raw_read,
+                                 "parquet_stage_read_table_only": lambda: parts.read_table(uris, columns)}, repeats)
+    timings.update(reads)
     mb = size.parquet_rows * FEATURE_DIM * 2 / 2**20
     for name in ("parquet_stage_read", "parquet_raw_read", "parquet_stage_read_table_only"):
         rates[f"{name}_rows_per_s"] = _r(size.parquet_rows / timings[name]["median_s"])
@@ -777,7 +825,7 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
 
 def run(only: Sequence[str] = BENCHMARKS, size: str = "small", repeats: int | None = None,
         workdir: str | Path | None = None, address: str | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        log: Callable[[str], None] | None = None, worker_threads: int | None = None) -> dict[str, Any]:
     """Run the chosen sub-benchmarks at `size` ('tiny', 'small', 'full'); returns the JSON document."""
     unknown = [b for b in only if b not in BENCHMARKS]
     if unknown:
@@ -789,17 +837,19 @@ def run(only: Sequence[str] = BENCHMARKS, size: str = "small", repeats: int | No
     log = log or (lambda msg: None)
     doc: dict[str, Any] = {"schema": SCHEMA, "size": size, "created": _dt.datetime.now(_dt.timezone.utc)
                            .isoformat(timespec="seconds"), "device": device_name(), "versions": versions(),
-                           "cpu_count": os.cpu_count(), "repeats": reps, "benchmarks": {}}
+                           "cpu_count": os.cpu_count(), "repeats": reps, "load_average": _loadavg(),
+                           "worker_threads": worker_threads or "ray default (OMP_NUM_THREADS = the task's CPUs)",
+                           "benchmarks": {}}
     with contextlib.ExitStack() as stack:
         work = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         work.mkdir(parents=True, exist_ok=True)
         if any(b in only for b in ("extract", "bootstrap")):
-            ensure_ray(address)
+            ensure_ray(address, worker_threads)
         for name in BENCHMARKS:
             if name not in only:
                 continue
             log(f"bench {name} ({size}) ...")
-            start = time.perf_counter()
+            start, load_start = time.perf_counter(), _loadavg()
             if name == "extract":
                 result = bench_extract(spec.extract, work, reps)
             elif name == "pseudo_label":
@@ -809,6 +859,7 @@ def run(only: Sequence[str] = BENCHMARKS, size: str = "small", repeats: int | No
             else:
                 result = bench_bootstrap(spec.bootstrap, work, reps)
             result["bench_wall_s"] = round(time.perf_counter() - start, 2)
+            result["load_average"] = {"start": load_start, "end": _loadavg()}
             doc["benchmarks"][name] = result
             log(f"bench {name}: ratio {result['ratio']} (target {result['target']}) in {result['bench_wall_s']} s")
     return doc

@@ -245,14 +245,24 @@ def make_trainer(cfg: Config, run_name: str, callbacks: list | None = None,
     datasets = {"train": training_dataset(cfg)}
     if cfg.train.eval_every:
         datasets["val"] = val_dataset(cfg, list_samples(cfg, cfg.data.val_split))
+    for ds in datasets.values():  # per-epoch bars from inside the workers only flood the logs; Train reports
+        ds.context.enable_progress_bars = False
     return ray.train.torch.TorchTrainer(
         train_loop, train_loop_config={"cfg": cfg, "mlflow_run": mlflow_run}, datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(name=run_name, storage_path=path, storage_filesystem=fs, callbacks=callbacks,
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+
+
+def ordered_ingest() -> ray.data.ExecutionOptions:
+    """Ray Train's default ingest options with the row order kept: without it the batches depend on which Ray
+    Data task finishes first, so two runs on the same bank train different decoders."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> dict[str, Any]:
