@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import sys
-from pathlib import Path
 
 from transfgu_dist import bench
 
@@ -34,12 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(bench.BENCHMARKS)})")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt the JSON on stdout
-        doc = bench.run(only, args.size, args.repeats, args.workdir, args.address, log, args.worker_threads)
-    text = json.dumps(doc, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-    print(text)
+        doc = bench.run(only, args.size, args.repeats, args.workdir, args.address, log, args.worker_threads,
+                        args.out)
+    print(json.dumps(doc, indent=2))
+    if bench.failed(doc):
+        log(f"failed: {', '.join(bench.failed(doc))}")
+        sys.exit(1)
     return doc
 
 

@@ -8,7 +8,7 @@ sweep's run. A sweep whose driver died resumes with `Tuner.restore` without reru
 from __future__ import annotations
 
 import copy
-import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from ray import tune
 
 from transfgu_dist import storage, tracking
 from transfgu_dist.config import Config, ConfigError, dump_yaml, set_key
+
+log = logging.getLogger(__name__)
 
 TUNABLE = ("loss.alpha", "loss.omega1", "loss.omega2", "loss.t_bg", "train.lr", "train.round_epochs")
 DISTRIBUTIONS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint,
@@ -121,6 +123,13 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
     """Run (or resume) the sweep; write `best.yaml`, a full run config with the best parameters."""
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+    import ray
+
+    per_trial = spec.trial_cpus + trial_base.train.num_workers * trial_base.train.cpus_per_worker
+    if spec.max_concurrent_trials * per_trial > ray.cluster_resources().get("CPU", 0) - 1:
+        log.warning("%d concurrent trials x %.1f CPUs leave less than one CPU for the Ray Data tasks that feed them: "
+                    "trials may wait forever; lower search.max_concurrent_trials or train.cpus_per_worker",
+                    spec.max_concurrent_trials, per_trial)
     path, fs = storage.ray_storage(sweep_output)
     experiment = storage.join(sweep_output, "tune")
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=trial_base, sweep_output=sweep_output),
@@ -135,7 +144,8 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                        storage_filesystem=fs)
         else:
-            scheduler = tune.schedulers.ASHAScheduler(max_t=sum(trial_base.train.round_epochs),
+            # max_t past the last epoch: a trial that trains to the end returns by itself (and writes trial.json)
+            scheduler = tune.schedulers.ASHAScheduler(max_t=sum(trial_base.train.round_epochs) + 1,
                                                       grace_period=spec.grace_period,
                                                       reduction_factor=spec.reduction_factor)
             tuner = tune.Tuner(

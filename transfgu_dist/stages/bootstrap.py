@@ -212,7 +212,9 @@ def train_loop(config: dict[str, Any]) -> None:
         _maybe_fail(global_epoch)
         sums: dict[str, float] = {}
         steps = 0
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=boot.dev, drop_last=False):
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=boot.dev,
+                                              local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                              local_shuffle_seed=cfg.train.seed + global_epoch):
             for k, v in boot.step(batch, alpha_at(cfg, epoch)).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
