@@ -156,7 +156,8 @@ def test_ray_job_submit_paper_profile_end_to_end(run_dir, tmp_path):
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",  # Ray >= 2.5x: token auth by default
-           "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # the job's `python` is this environment's
+           "PATH": f"{bin_dir}:{os.environ['PATH']}",  # the job's `python` is this environment's
+           "RAY_idle_worker_killing_time_threshold_ms": "60000"}  # as init_ray's local Ray (stages.common)
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
                     f"--dashboard-agent-listen-port={free_port()}",

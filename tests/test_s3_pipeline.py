@@ -1,9 +1,9 @@
 """Object storage end to end against a REAL S3-compatible server (moto on 127.0.0.1, conftest.s3_server).
 
 The synthetic dataset (plus one corrupt image) is staged with `jobs/stage_dataset.py`, then the whole pipeline
-runs as `python jobs/run_all.py output=s3://... data.root=s3://...` (Ray Train checkpoints on S3 too); it must
-give exactly what the same run on local paths (conftest.e2e_run) gave. Wrong credentials, a missing bucket and a corrupt image
-each give their promised message.
+runs as `python jobs/run_all.py output=s3://... data.root=s3://...` (Ray Train checkpoints and MLflow artifacts on S3
+too); it must give exactly what the same run on local paths (conftest.e2e_run) gave. Wrong credentials, a missing
+bucket and a corrupt image each give their promised message.
 """
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def runs(e2e_run, dataset, bucket, tmp_path_factory) -> dict:
                 p.wait()
     text = (tmp / "run_all.log").read_text()
     assert rc == 0, f"the S3 run failed:\n{text[-8000:]}"
-    return {"stage_log": proc.stderr, "log": text, "local": e2e_run, "s3": f"{bucket}/run"}
+    return {"stage_log": proc.stderr, "log": text, "local": e2e_run, "s3": f"{bucket}/run",
+            "mlflow": env["MLFLOW_TRACKING_URI"]}
 
 
 @pytest.mark.slow
@@ -214,3 +215,18 @@ def test_corrupt_image_message_on_s3(s3_bucket):
     assert out["ok"].tolist() == [True, False, False] and out["image"].shape == (3, 4, 4, 3)
     assert any(m.startswith(f"skipping image: {s3_bucket}/bad.png: expected an RGB-convertible image") for m in records)
     assert any(m.startswith(f"skipping image: {s3_bucket}/gone.png: does not exist") for m in records), records
+
+
+@pytest.mark.slow
+def test_mlflow_artifacts_in_the_bucket(runs):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(runs["mlflow"])
+    experiment = client.get_experiment_by_name("transfgu-dist")
+    assert experiment.artifact_location == f"{runs['s3']}/mlflow-artifacts"
+    (evaluate,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'")
+    assert evaluate.info.artifact_uri.startswith(f"{runs['s3']}/mlflow-artifacts/")
+    # logged through MLflow's own S3 client (MLFLOW_S3_ENDPOINT_URL from the pipeline's endpoint), read back by ours
+    metrics = storage.read_json(f"{evaluate.info.artifact_uri}/evaluate/metrics.json")
+    assert metrics == storage.read_json(storage.join(runs["s3"], "evaluate", "metrics.json"))
+    assert storage.exists(f"{evaluate.info.artifact_uri}/evaluate/confusion.png")

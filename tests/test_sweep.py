@@ -50,31 +50,31 @@ def test_sweep_resumes_and_tracks_trials_in_mlflow(e2e_run, tmp_path):
     source = e2e_run  # its committed bank: no trial re-extracts
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
-        "preset": "synthetic", "trial": {"train.round_epochs": [1, 1]},
+        "preset": "synthetic", "trial": {"train.round_epochs": [1]},
         "space": {"loss.alpha": {"loguniform": [0.01, 0.3]}, "loss.omega1": {"uniform": [0.0, 2.0]},
                   "loss.omega2": {"uniform": [0.0, 1.0]}, "loss.t_bg": {"uniform": [0.02, 0.3]}},
         # grace_period past the last epoch: no ASHA stop here (a trial stopped mid-epoch can leave its Ray Data
         # reservation held on Ray 2.60 and starve the next trial on a 2-CPU machine; see the README)
-        "search": {"num_samples": 4, "max_concurrent_trials": 1, "grace_period": 3}}))
+        "search": {"num_samples": 3, "max_concurrent_trials": 1, "grace_period": 3}}))
     out = tmp_path / "sweep"
     args = [sys.executable, str(ROOT / "jobs" / "sweep.py"), str(space), f"--source={source}", f"--output={out}",
             *SMALL, "train.cpus_per_worker=0.5"]
-    # stop the driver once two trials have finished, then rerun: finished trials must not run again
+    # stop the driver once a trial has finished, then rerun: finished trials must not run again
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     done = lambda: sorted(out.glob("trials/*/trial.json"))  # noqa: E731
     try:
         deadline = time.time() + 900
-        while len(done()) < 2 and time.time() < deadline and proc.poll() is None:
+        while not done() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     first = {p: p.stat().st_mtime_ns for p in done()}
-    assert len(first) >= 2 and not (out / "best.yaml").exists()
+    assert first and not (out / "best.yaml").exists()
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=1200)
     assert {p: p.stat().st_mtime_ns for p in first} == first
-    assert len(done()) == 4
+    assert len(done()) == 3
 
     from mlflow.tracking import MlflowClient
 
@@ -84,12 +84,12 @@ def test_sweep_resumes_and_tracks_trials_in_mlflow(e2e_run, tmp_path):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_ids = {json.loads(p.read_text())["params"]["loss.alpha"] for p in done()}
     finished = [r for r in children if "val/miou" in r.data.metrics]
-    assert len({r.data.params["loss.alpha"] for r in finished}) == 4 == len(trial_ids)
+    assert len({r.data.params["loss.alpha"] for r in finished}) == 3 == len(trial_ids)
     for r in finished:
         assert {"loss.alpha", "loss.omega1", "loss.omega2", "loss.t_bg"} <= set(r.data.params)
         assert 0 <= r.data.metrics["val/miou"] <= 1
 
     best = load_config(out / "best.yaml")
     assert best.source == str(source) and best.output == str(out / "best")
-    log = job("run_all", "--config", str(out / "best.yaml"))
+    log = job("run_all", "--config", str(out / "best.yaml"), "train.round_epochs=[1]")
     assert "mIoU" in log and (out / "best" / "evaluate" / "metrics.json").exists()

@@ -366,8 +366,11 @@ def ensure_ray(address: str | None = None, worker_threads: int | None = None) ->
 
     if ray.is_initialized():
         return
+    from transfgu_dist.stages.common import keep_idle_workers
+
     if worker_threads:
         os.environ["OMP_NUM_THREADS"] = str(worker_threads)
+    keep_idle_workers()
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

@@ -135,6 +135,8 @@ class Config:
     source: str = ""                    # an earlier run's output whose data, features, concepts and bank to reuse
     mlflow_uri: str = ""                # MLflow tracking URI; "" = MLFLOW_TRACKING_URI or sqlite under the output
     experiment: str = "transfgu-dist"   # MLflow experiment name
+    mlflow_artifacts: str = ""          # artifact root of an experiment this run creates (local or s3://); "" =
+                                        # <output>/mlflow-artifacts on s3://, else beside a SQLite store
     seed: int = 2021
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

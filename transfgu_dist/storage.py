@@ -155,7 +155,7 @@ def boto3_client(max_pool_connections: int = 10) -> Any:
 # URI handling
 
 
-def _is_s3(uri: str) -> bool:
+def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 
 
@@ -172,7 +172,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ("bucket", "a/b"); :class:`StorageError` if ``uri`` is not one."""
-    if not _is_s3(uri):
+    if not is_s3(uri):
         raise StorageError(uri, "expected an s3://<bucket>/<prefix> URI")
     return _split_s3(uri)
 
@@ -239,7 +239,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
     S3 filesystems are cached per (bucket, endpoint, region, anonymous).
     """
-    if _is_s3(uri):
+    if is_s3(uri):
         bucket, key = _split_s3(uri)
         fs, _ = _s3_filesystem(bucket)
         return fs, f"{bucket}/{key}" if key else bucket
@@ -285,7 +285,7 @@ def _bucket_exists(uri: str) -> bool | None:
 def _translate(uri: str, exc: BaseException, expected: str) -> StorageError:
     msg = str(exc)
     low = msg.lower()
-    s3 = _is_s3(uri)
+    s3 = is_s3(uri)
     bucket = _split_s3(uri)[0] if s3 else None
     ep = _endpoint_desc() if s3 else ""
 
@@ -353,7 +353,7 @@ def _guard(uri: str, expected: str) -> Iterator[None]:
 
 def _require_bucket(uri: str) -> None:
     """After a NotFound answer on S3: tell a missing bucket apart from a missing key."""
-    if _is_s3(uri) and _bucket_exists(uri) is False:
+    if is_s3(uri) and _bucket_exists(uri) is False:
         bucket, _ = _split_s3(uri)
         raise StorageError(uri, f"bucket '{bucket}' does not exist{_endpoint_desc()}")
 
@@ -479,7 +479,7 @@ def delete(uri: str) -> None:
         if info.type == pafs.FileType.File:
             fs.delete_file(path)
         elif info.type == pafs.FileType.Directory:
-            if _is_s3(uri) and "/" not in path.strip("/"):
+            if is_s3(uri) and "/" not in path.strip("/"):
                 raise StorageError(uri, "refusing to delete a whole bucket")
             fs.delete_dir(path)
         else:
@@ -530,7 +530,7 @@ def ray_storage(uri: str) -> tuple[str, pafs.FileSystem | None]:
     Local: ``(absolute path, None)``.  S3: ``("bucket/prefix", S3FileSystem)`` configured like
     every other access here (endpoint, region), so MinIO / moto endpoints work in Ray too.
     """
-    if _is_s3(uri):
+    if is_s3(uri):
         fs, path = filesystem(uri)
         return path, fs
     return _local_path(uri), None

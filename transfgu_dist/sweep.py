@@ -105,8 +105,14 @@ def run_trial(params: dict[str, Any], base: Config, sweep_output: str) -> None:
     name = tune.get_context().get_trial_id()
     cfg = with_params(base, params, f"trial {name}")
     cfg.output = storage.join(sweep_output, "trials", name)
+    done = storage.join(cfg.output, "trial.json")
+    if storage.exists(done):
+        # finished before the driver died but not yet recorded by Tune: report the stored result, train nothing
+        metrics = storage.read_json(done)["metrics"]
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+        return
     result = make_trainer(cfg, "bootstrap", callbacks=[TuneReportCallback()]).fit()
-    storage.write_json(storage.join(cfg.output, "trial.json"), {"params": params, "metrics": result.metrics})
+    storage.write_json(done, {"params": params, "metrics": result.metrics})
 
 
 def _searcher(spec: SweepSpec):

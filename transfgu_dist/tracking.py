@@ -1,10 +1,12 @@
 """MLflow tracking: the pipeline is a run, each stage a nested run with the full config, metrics and artifacts.
 
 The tracking URI comes from `mlflow_uri`, else MLFLOW_TRACKING_URI, else a SQLite store under the output folder
-(`mlflow ui --backend-store-uri sqlite:///<output>/mlflow.db` opens it).
+(`mlflow ui --backend-store-uri sqlite:///<output>/mlflow.db` opens it). Artifacts of a run whose output is on S3
+go to the bucket (see `artifact_root`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from transfgu_dist import storage
 from transfgu_dist.config import Config, dump_yaml, to_dict
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -38,17 +42,34 @@ def flat_params(cfg: Config) -> dict[str, Any]:
     return out
 
 
+def artifact_root(cfg: Config, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlflow_artifacts`, else beside the run's outputs when they are
+    on S3 (so a cluster run's pictures land in the bucket), else beside a SQLite store; None: the server decides."""
+    root = cfg.source or cfg.output
+    if cfg.mlflow_artifacts:
+        return cfg.mlflow_artifacts
+    if storage.is_s3(root):
+        return storage.join(root, "mlflow-artifacts")
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def use_experiment(cfg: Config) -> str:
-    """Point mlflow at the tracking store and the experiment (created with artifacts beside a SQLite store)."""
+    """Point mlflow at the tracking store and the experiment, creating it with its artifact root if new."""
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
+    endpoint = storage.s3_options().endpoint_url
+    if endpoint:  # MLflow's S3 artifact store reaches the same S3-compatible endpoint as the pipeline
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    wanted = artifact_root(cfg, uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    artifacts = None
-    if uri.startswith("sqlite:///"):
-        artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    if exp is None:
+        return mlflow.create_experiment(cfg.experiment, artifact_location=wanted)
+    if wanted and storage.is_s3(wanted) and exp.artifact_location.rstrip("/") != wanted.rstrip("/"):
+        log.warning("MLflow experiment %r keeps its artifacts at %s, not %s: set experiment=<a new name> to keep "
+                    "this run's artifacts in the bucket", cfg.experiment, exp.artifact_location, wanted)
+    return exp.experiment_id
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,16 @@ log = logging.getLogger(__name__)
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster (`address`, RAY_ADDRESS, or `ray job submit`'s) or start a local Ray in-process."""
     if not ray.is_initialized():
+        keep_idle_workers()
         ray.init(address=address, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def keep_idle_workers(seconds: int = 60) -> None:
+    """For a Ray started by this process (ignored when joining a cluster): idle task workers live `seconds`, not
+    Ray's 1 s, so each epoch's and stage's Ray Data tasks reuse warm processes instead of spawning and importing
+    torch again (a second epoch's data: 10 s -> 0.3 s in a 12-image run on 2 cores)."""
+    os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(seconds * 1000))
 
 
 def cluster_gpus() -> int:

@@ -1,0 +1,33 @@
+"""Where MLflow keeps a run's artifacts, against a real SQLite tracking store."""
+from __future__ import annotations
+
+import logging
+
+import mlflow
+
+from transfgu_dist import tracking
+from transfgu_dist.config import load_config
+
+
+def test_artifact_root_follows_the_output(tmp_path):
+    sqlite = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    local = load_config(overrides=[f"output={tmp_path / 'run'}"])
+    assert tracking.artifact_root(local, sqlite) == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.artifact_root(local, "http://127.0.0.1:5000") is None  # a tracking server decides
+    on_s3 = load_config(overrides=["output=s3://bucket/runs/a"])
+    assert tracking.artifact_root(on_s3, sqlite) == "s3://bucket/runs/a/mlflow-artifacts"
+    reuse = load_config(overrides=["output=/tmp/sweep", "source=s3://bucket/runs/a"])  # a sweep lands in its source
+    assert tracking.artifact_root(reuse, sqlite) == "s3://bucket/runs/a/mlflow-artifacts"
+    chosen = load_config(overrides=["output=s3://bucket/runs/a", "mlflow_artifacts=s3://other/art"])
+    assert tracking.artifact_root(chosen, sqlite) == "s3://other/art"
+
+
+def test_existing_experiment_elsewhere_is_reported(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    local = load_config(overrides=[f"output={tmp_path / 'run'}", f"mlflow_uri={uri}"])
+    first = tracking.use_experiment(local)
+    assert mlflow.get_experiment(first).artifact_location == (tmp_path / "mlartifacts").as_uri()
+    on_s3 = load_config(overrides=["output=s3://bucket/run", f"mlflow_uri={uri}"])
+    with caplog.at_level(logging.WARNING, logger="transfgu_dist.tracking"):
+        assert tracking.use_experiment(on_s3) == first
+    assert "keeps its artifacts at" in caplog.text and "s3://bucket/run/mlflow-artifacts" in caplog.text
