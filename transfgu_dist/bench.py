@@ -657,7 +657,7 @@ def bench_cluster(size: ClusterSize, workdir: Path, repeats: int) -> dict[str, A
 
     def stage_read() -> None:
         table = parts.read_table(uris, columns)
-        parts.column_array(table, "feature").astype(np.float32)
+        parts.column_array(table, "feature", dtype=np.float32)
         table.column("is_fg").to_numpy(zero_copy_only=False)
 
     def raw_read() -> pa.Table:

@@ -30,7 +30,7 @@ def load_concepts(cfg: Config) -> Concepts:
 def _fit(cfg: Config, uris: list[str]) -> dict:
     """Runs as a Ray task (on a GPU node when there is one): reads only the two columns it needs."""
     table = parts.read_table(uris, ["is_fg", "feature"])
-    x = parts.column_array(table, "feature").astype(np.float32)
+    x = parts.column_array(table, "feature", dtype=np.float32)
     is_fg = table.column("is_fg").to_numpy(zero_copy_only=False)
     c = cfg.cluster
     concepts = fit_concepts(x[is_fg], x[~is_fg] if c.k_bg else None, c.k_fg, c.k_bg, niter=c.niter, seed=c.seed,

@@ -24,7 +24,7 @@ from transfgu_dist.encoder import ARCHS, ViTEncoder, build_encoder
 from transfgu_dist.images import BadImageError, decode_label, normalize, resize_labels
 from transfgu_dist.label_maps import class_names as table_class_names, remap_label, table_name
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
-from transfgu_dist.stages.common import actor_pool, autocast, device, images_to_device, load_images
+from transfgu_dist.stages.common import actor_device, actor_pool, autocast, images_to_device, load_images
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
 
@@ -114,7 +114,7 @@ class Predictor:
     at the eval size, the unreadable image ids, and the image / GT / cluster arrays of the overlay images."""
 
     def __init__(self, cfg: Config, decoder: MaskTransformer, overlay_ids: frozenset[str]):
-        self.dev = device()
+        self.dev = actor_device()
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         self.decoder = decoder.to(self.dev).eval()
         self.size, self.n_classes, self.overlay_ids = tuple(cfg.eval.image_size), cfg.data.n_classes, overlay_ids

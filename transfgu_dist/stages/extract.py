@@ -12,11 +12,12 @@ import torch
 
 from transfgu_dist import parts, storage
 from transfgu_dist.config import Config
-from transfgu_dist.crops import DROP, FG, classify_windows, cut_crops, fg_fraction, foreground_prior, sliding_windows, windows_to_boxes
+from transfgu_dist.crops import (DROP, FG, classify_windows, cut_crops, fg_fraction, foreground_prior, sliding_windows,
+                                 windows_to_boxes)
 from transfgu_dist.datasets import inputs_root, list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
-from transfgu_dist.stages.common import StageReport, autocast, device, images_to_device, run_image_stage
+from transfgu_dist.stages.common import StageReport, actor_device, autocast, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
 
 
@@ -28,7 +29,7 @@ class CropEncoder:
     """Ray Data actor: a batch of resized images -> one Parquet part of crop CLS features."""
 
     def __init__(self, cfg: Config, out_uri: str):
-        self.cfg, self.dev, self.out = cfg, device(), StageOutput(out_uri)
+        self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         p = self.encoder.patch_size
         h, w = (s // p for s in cfg.crops.image_size)

@@ -18,7 +18,7 @@ from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.pseudo_labels import gradcam
 from transfgu_dist.stages.cluster import load_concepts
-from transfgu_dist.stages.common import StageReport, autocast, device, images_to_device, run_image_stage
+from transfgu_dist.stages.common import StageReport, actor_device, autocast, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
 
 
@@ -30,7 +30,7 @@ class ConceptMapper:
     """Ray Data actor: a batch of images -> one bank part (one batched backward for all K concepts)."""
 
     def __init__(self, cfg: Config, out_uri: str):
-        self.cfg, self.dev, self.out = cfg, device(), StageOutput(out_uri)
+        self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         self.concepts = torch.from_numpy(load_concepts(cfg).centroids).to(self.dev)
 
