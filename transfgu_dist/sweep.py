@@ -150,9 +150,10 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                        storage_filesystem=fs)
         else:
-            # max_t past the last epoch: a trial that trains to the end returns by itself (and writes trial.json)
-            scheduler = tune.schedulers.ASHAScheduler(max_t=sum(trial_base.train.round_epochs) + 1,
-                                                      grace_period=spec.grace_period,
+            # max_t past the last epoch: a trial that trains to the end returns by itself (and writes trial.json);
+            # a grace period at or past max_t means no early stopping
+            max_t = sum(trial_base.train.round_epochs) + 1
+            scheduler = tune.schedulers.ASHAScheduler(max_t=max_t, grace_period=min(spec.grace_period, max_t),
                                                       reduction_factor=spec.reduction_factor)
             tuner = tune.Tuner(
                 trainable, param_space=spec.space,
