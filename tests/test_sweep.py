@@ -83,6 +83,7 @@ def test_sweep_resumes_and_tracks_trials_in_mlflow(e2e_run, tmp_path):
     (parent,) = [r for r in runs if r.info.run_name == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trial_ids = {json.loads(p.read_text())["params"]["loss.alpha"] for p in done()}
+    assert len(children) == 4  # a trial restarted by Tuner.restore continues its run (sweep.TrialRuns)
     finished = [r for r in children if "val/miou" in r.data.metrics]
     assert len({r.data.params["loss.alpha"] for r in finished}) == 4 == len(trial_ids)
     for r in finished:

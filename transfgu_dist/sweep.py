@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from transfgu_dist import storage, tracking
 from transfgu_dist.config import Config, ConfigError, dump_yaml, set_key
@@ -115,6 +117,24 @@ def run_trial(params: dict[str, Any], base: Config, sweep_output: str) -> None:
     storage.write_json(done, {"params": params, "metrics": result.metrics})
 
 
+class TrialRuns(MLflowLoggerCallback):
+    """Ray's MLflow logger with every trial nested under the sweep's run, and one run per trial across
+    `Tuner.restore`: a trial that Tune restarts continues its earlier run instead of opening a second one."""
+
+    def __init__(self, uri: str, experiment: str, parent_run_id: str):
+        super().__init__(uri, experiment_name=experiment, tags={"mlflow.parentRunId": parent_run_id})
+        self.parent_run_id = parent_run_id
+
+    def log_trial_start(self, trial) -> None:
+        if trial not in self._trial_runs:
+            earlier = MlflowClient(self.tracking_uri).search_runs(
+                [self.mlflow_util.experiment_id],
+                f"tags.trial_name = '{trial}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=1)
+            if earlier:
+                self._trial_runs[trial] = earlier[0].info.run_id
+        super().log_trial_start(trial)
+
+
 def _searcher(spec: SweepSpec):
     if spec.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -127,8 +147,6 @@ def _searcher(spec: SweepSpec):
 
 def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: str) -> dict[str, Any]:
     """Run (or resume) the sweep; write `best.yaml`, a full run config with the best parameters."""
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-
     import ray
 
     per_trial = spec.trial_cpus + trial_base.train.num_workers * trial_base.train.cpus_per_worker
@@ -144,8 +162,7 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
     parent = storage.read_json(parent_uri)["run_id"] if storage.exists(parent_uri) else None
     with tracking.run(base, "sweep", run_id=parent) as active:
         storage.write_json(parent_uri, {"run_id": active.info.run_id})
-        mlflow_cb = MLflowLoggerCallback(tracking.tracking_uri(base), experiment_name=base.experiment,
-                                         tags={"mlflow.parentRunId": active.info.run_id})
+        mlflow_cb = TrialRuns(tracking.tracking_uri(base), base.experiment, active.info.run_id)
         if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
                                        storage_filesystem=fs)
