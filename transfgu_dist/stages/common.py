@@ -46,7 +46,7 @@ def actor_pool() -> dict[str, Any]:
 def actor_device() -> torch.device:
     """An encoder actor's device: the GPU Ray gave it, else the CPU with every core of its node. On CPU the pool is
     one actor (actor_pool), and Ray's OMP_NUM_THREADS=1 for a num_cpus=1 actor would leave the other cores idle
-    (docs/performance.md: extraction at 0.54 of the bare forward before, 0.9x after)."""
+    (docs/performance.md: extraction at 0.54 of the bare forward before, 0.91 after)."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     torch.set_num_threads(os.cpu_count() or 1)
