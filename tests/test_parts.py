@@ -1,26 +1,61 @@
-"""Parquet part helpers: fixed-size-list columns in and out."""
+"""Parquet part helpers: fixed-size-list columns in and out, and the cluster stage's streamed feature read."""
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from transfgu_dist.parts import column_array, fixed_list
+from transfgu_dist.parts import fixed_list, list_values, read_table, write_part
+from transfgu_dist.stages.cluster import read_pools
+from transfgu_dist.storage import StageOutput
 
 
-def test_column_array_over_chunks_slices_and_casts():
+def test_list_values_over_chunk_slices_and_shapes():
     x = np.arange(24, dtype=np.float16).reshape(6, 4)
     col = fixed_list(x, pa.float16())
     # three chunks, two of them slices with an offset into their values
-    table = pa.table({"feature": pa.chunked_array([col.slice(0, 1), col.slice(1, 3), col.slice(4, 2)])})
-    out = column_array(table, "feature", dtype=np.float32)
-    assert out.dtype == np.float32 and np.array_equal(out, x.astype(np.float32))
-    assert column_array(table, "feature", (2, 2)).shape == (6, 2, 2)
-    assert column_array(table, "feature").dtype == np.float16
+    chunked = pa.chunked_array([col.slice(0, 1), col.slice(1, 3), col.slice(4, 2)])
+    assert np.array_equal(list_values(chunked), x) and list_values(chunked).dtype == np.float16
+    assert np.array_equal(list_values(col.slice(4, 2)), x[4:])
+    assert list_values(chunked, (2, 2)).shape == (6, 2, 2)
 
 
-def test_column_array_bool_and_empty():
+def test_list_values_bool_and_empty():
     mask = np.array([[True, False], [False, True]])
-    table = pa.table({"fg": fixed_list(mask, pa.bool_())})
-    assert np.array_equal(column_array(table, "fg"), mask) and column_array(table, "fg").dtype == bool
-    empty = table.slice(0, 0)
-    assert column_array(empty, "fg").shape == (0, 2)
+    col = fixed_list(mask, pa.bool_())
+    assert np.array_equal(list_values(col), mask) and list_values(col).dtype == bool
+    assert list_values(col.slice(0, 0)).shape == (0, 2)
+
+
+def test_read_pools_splits_and_widens_every_row(tmp_path):
+    rng = np.random.default_rng(0)
+    out, x, is_fg = StageOutput(str(tmp_path / "features")), [], []
+    for i, n in enumerate([5, 1, 7, 3]):  # one part with a single (bg or fg) row
+        feats, fg = rng.standard_normal((n, 6)).astype(np.float16), rng.random(n) < 0.5
+        write_part(out, pa.table({"is_fg": pa.array(fg), "feature": fixed_list(feats, pa.float16())}), [str(i)], [])
+        x.append(feats)
+        is_fg.append(fg)
+    uris = [out.part_uri(name) for name in out.done_parts()]
+    x, is_fg = np.concatenate(x), np.concatenate(is_fg)
+    fg, bg = read_pools(uris)
+    assert fg.dtype == bg.dtype == np.float32 and fg.flags.c_contiguous and bg.flags.c_contiguous
+    assert len(fg) == is_fg.sum() and len(bg) == (~is_fg).sum()
+
+    def rows(a: np.ndarray) -> list[tuple]:
+        return sorted(map(tuple, a.astype(np.float32).tolist()))
+    assert rows(fg) == rows(x[is_fg]) and rows(bg) == rows(x[~is_fg])  # every row once, exactly widened
+    table = read_table(uris)
+    assert np.array_equal(list_values(table.column("feature"))[table.column("is_fg").to_numpy()], fg.astype(np.float16))
+
+
+def test_write_part_encodes_floats_byte_stream_split(tmp_path):
+    out = StageOutput(str(tmp_path / "bank"))
+    table = pa.table({"image_id": ["a", "b"], "beta": pa.array([0.5, 0.2], pa.float32()),
+                      "maps": fixed_list(np.ones((2, 3), np.float16), pa.float16()),
+                      "box": fixed_list(np.ones((2, 4), np.int32), pa.int32())})
+    name = write_part(out, table, ["a", "b"], [])
+    meta = pq.ParquetFile(out.part_uri(name)).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "BYTE_STREAM_SPLIT" in encodings["beta"] and "BYTE_STREAM_SPLIT" in encodings["maps.list.element"]
+    assert "RLE_DICTIONARY" in encodings["image_id"] and "RLE_DICTIONARY" not in encodings["maps.list.element"]
+    assert read_table([out.part_uri(name)]).equals(table)

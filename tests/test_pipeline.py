@@ -21,7 +21,7 @@ import torch
 
 from conftest import SMALL, free_port, job
 from transfgu_dist.config import load_config
-from transfgu_dist.parts import column_array, read_table
+from transfgu_dist.parts import list_values, read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -53,9 +53,9 @@ def test_end_to_end_outputs(run_dir):
     # pseudo-label bank: one row per training image, maps decode to (K, h, w)
     bank = read_table([str(p) for p in parquet_files(run_dir / "bank")])
     assert bank.num_rows == 12
-    maps = column_array(bank, "maps", (K, 8, 8))
+    maps = list_values(bank.column("maps"), (K, 8, 8))
     assert maps.dtype == np.float16 and np.isfinite(maps).all()
-    assert column_array(bank, "fg_prior", (8, 8)).dtype == bool
+    assert list_values(bank.column("fg_prior"), (8, 8)).dtype == bool
     # bootstrap: a checkpoint per round and the final one
     for name in ("round-0.pt", "round-1.pt", "final.pt"):
         ckpt = torch.load(run_dir / "bootstrap" / name, weights_only=True)

@@ -626,6 +626,7 @@ def bench_cluster(size: ClusterSize, workdir: Path, repeats: int) -> dict[str, A
     torch = _torch()
     from transfgu_dist import parts
     from transfgu_dist.concepts import kmeans
+    from transfgu_dist.stages.cluster import read_pools
 
     timings, rates, ratios, memory = {}, {}, {}, {}
     x = clustered_features(size.points)
@@ -648,7 +649,7 @@ def bench_cluster(size: ClusterSize, workdir: Path, repeats: int) -> dict[str, A
         ratios[f"kmeans_vs_gemm_ceiling_k{k}"] = size.niter * timings[f"gemm_k{k}"]["median_s"] / t
     del xt
 
-    # Parquet: the cluster stage's read (parts.read_table + column_array + float32) vs a raw pyarrow read
+    # Parquet: the cluster stage's read (fg and bg pools as float32) vs a raw pyarrow read
     feats = x[:size.parquet_rows] if size.parquet_rows <= len(x) else clustered_features(size.parquet_rows)
     del x
     uris = write_feature_parts(str(workdir / "features_bench"), feats, size.rows_per_part)
@@ -656,9 +657,7 @@ def bench_cluster(size: ClusterSize, workdir: Path, repeats: int) -> dict[str, A
     columns = ["is_fg", "feature"]
 
     def stage_read() -> None:
-        table = parts.read_table(uris, columns)
-        parts.column_array(table, "feature", dtype=np.float32)
-        table.column("is_fg").to_numpy(zero_copy_only=False)
+        read_pools(uris)
 
     def raw_read() -> pa.Table:
         return pq.read_table(uris, columns=columns)
@@ -677,12 +676,16 @@ def bench_cluster(size: ClusterSize, workdir: Path, repeats: int) -> dict[str, A
     ratios["parquet_read_table_vs_raw"] = (timings["parquet_raw_read"]["median_s"]
                                            / timings["parquet_stage_read_table_only"]["median_s"])
     headline = ratios["parquet_stage_vs_raw"]
-    notes = ["ratio = Parquet feature read rate of the cluster stage's path (parts.read_table + column_array + "
-             "float32 + is_fg) / pq.read_table of the same files; kmeans_vs_gemm_ceiling = niter x one N x K x D "
+    notes = ["ratio = Parquet feature read rate of the cluster stage's path (stages.cluster.read_pools: "
+             "fg and bg float32 arrays) / pq.read_table of the same files; kmeans_vs_gemm_ceiling = niter x one N x K x D "
              "GEMM (torch) / concepts.kmeans time (1.0 = every iteration at GEMM speed)",
              f"k-means on {'GPU' if use_gpu else 'CPU'} (faiss.get_num_gpus() = {faiss.get_num_gpus()})"]
+    group = pq.ParquetFile(uris[0]).metadata.row_group(0)
+    encodings = next(group.column(i).encodings for i in range(group.num_columns)
+                     if group.column(i).path_in_schema.startswith("feature."))
     sizes = {**dataclasses.asdict(size), "dim": FEATURE_DIM, "parquet_parts": len(uris),
-             "parquet_feature_mb": round(mb, 1), "kmeans_repeats": km_repeats}
+             "parquet_feature_mb": round(mb, 1), "parquet_feature_encodings": list(encodings),
+             "kmeans_repeats": km_repeats}
     return _result(sizes, timings, rates, ratios, headline, ">= 0.9 (read)", headline >= 0.9, memory, notes)
 
 

@@ -11,8 +11,8 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import torch
 
 from transfgu_dist import storage
 from transfgu_dist.storage import StageOutput
@@ -26,6 +26,18 @@ def fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
 
 
+def _float_leaves(schema: pa.Schema) -> list[str]:
+    """Parquet paths of the floating-point columns, inside fixed-size lists too."""
+    paths = []
+    for field in schema:
+        dtype, path = field.type, field.name
+        while pa.types.is_fixed_size_list(dtype) or pa.types.is_list(dtype):
+            dtype, path = dtype.value_type, path + ".list.element"
+        if pa.types.is_floating(dtype):
+            paths.append(path)
+    return paths
+
+
 def write_part(out: StageOutput, table: pa.Table, image_ids: list[str], bad: list[str]) -> str:
     """Publish `table` as one part covering `image_ids` (bad images included, listed apart)."""
     covered = sorted(image_ids) + sorted(bad)
@@ -33,7 +45,12 @@ def write_part(out: StageOutput, table: pa.Table, image_ids: list[str], bad: lis
     meta = {**(table.schema.metadata or {}), IDS_KEY: json.dumps(sorted(image_ids)).encode(),
             BAD_KEY: json.dumps(sorted(bad)).encode()}
     buf = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd")
+    # Floats go BYTE_STREAM_SPLIT, not dictionary-encoded (pyarrow's default): an fp16 column never outgrows its
+    # 64k-entry dictionary, and decoding those indices made reads 2.6x slower (docs/performance.md).
+    floats = _float_leaves(table.schema)
+    flat = [f.name for f in table.schema if not pa.types.is_nested(f.type) and f.name not in floats]
+    pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd", use_dictionary=flat,
+                   column_encoding=dict.fromkeys(floats, "BYTE_STREAM_SPLIT"))
     out.write_part(name, buf.getvalue())
     return name
 
@@ -59,24 +76,23 @@ def part_uris(out: StageOutput) -> list[str]:
     return [out.part_uri(name) for name in out.manifest()["parts"] if name.endswith(".parquet")]
 
 
-def read_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
-    """Concatenate the given parts (only `columns`)."""
+def dataset(uris: list[str]) -> ds.Dataset:
+    """The given parts as one Arrow dataset, to scan in batches or read whole."""
     if not uris:
         raise FileNotFoundError("no Parquet parts to read")
     fs, _ = storage.filesystem(uris[0])
-    return pq.ParquetDataset([storage.filesystem(u)[1] for u in uris], filesystem=fs).read(columns=columns)
+    return ds.dataset([storage.filesystem(u)[1] for u in uris], filesystem=fs, format="parquet")
 
 
-def column_array(table: pa.Table, name: str, shape: tuple[int, ...] = (), dtype: np.dtype | None = None
-                 ) -> np.ndarray:
-    """A fixed_size_list column as an (n, *shape) numpy array of `dtype` (default: the stored one), filled chunk by
-    chunk: no combined copy of the column, and the cast done in the same pass (docs/performance.md)."""
-    col = table.column(name)
-    width = col.type.list_size
-    out = np.empty((len(col), width), dtype=dtype or col.type.value_type.to_pandas_dtype())
-    row = 0
-    for chunk in col.chunks:
-        values = chunk.flatten().to_numpy(zero_copy_only=False, writable=True).reshape(len(chunk), width)
-        torch.from_numpy(out[row:row + len(chunk)]).copy_(torch.from_numpy(values))  # vectorised fp16 -> fp32
-        row += len(chunk)
-    return out.reshape(len(col), *(shape or (width,)))
+def read_table(uris: list[str], columns: list[str] | None = None) -> pa.Table:
+    """Concatenate the given parts (only `columns`)."""
+    return dataset(uris).to_table(columns=columns)
+
+
+def list_values(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...] = ()) -> np.ndarray:
+    """A fixed_size_list array or column as an (n, *shape) numpy array of its stored dtype (no copy for one chunk
+    of numbers)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), *(shape or (width,)))

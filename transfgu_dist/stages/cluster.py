@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import ray
+import torch
 
 from transfgu_dist import parts, storage
 from transfgu_dist.concepts import Concepts, fit_concepts
@@ -27,20 +29,44 @@ def load_concepts(cfg: Config) -> Concepts:
         return Concepts.from_arrays(dict(arrays))
 
 
+def read_pools(uris: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The fg and bg crop features of the given parts as float32 (n, d) arrays, in one streamed pass.
+
+    Arrow decodes parts on its threads while this one widens each batch into a single buffer from Arrow's memory
+    pool (a fresh numpy mapping's first touch costs more than the cast): fg rows fill it from the front, bg rows
+    from the back, so bg comes in reverse batch order. The cast runs on one torch thread, as spinning OpenMP
+    workers would take the cores Arrow decodes on (docs/performance.md)."""
+    parquet = parts.dataset(uris)
+    n, d = parquet.count_rows(), parquet.schema.field("feature").type.list_size
+    out = np.frombuffer(pa.allocate_buffer(n * d * 4), np.float32).reshape(n, d)
+    fg_end, bg_start = 0, n
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in parquet.to_batches(columns=["is_fg", "feature"], fragment_readahead=16):
+            is_fg = batch.column("is_fg").to_numpy(zero_copy_only=False)
+            values = parts.list_values(batch.column("feature"))
+            fg, bg = torch.from_numpy(values[is_fg]), torch.from_numpy(values[~is_fg])
+            torch.from_numpy(out[fg_end:fg_end + len(fg)]).copy_(fg)
+            torch.from_numpy(out[bg_start - len(bg):bg_start]).copy_(bg)
+            fg_end, bg_start = fg_end + len(fg), bg_start - len(bg)
+    finally:
+        torch.set_num_threads(threads)
+    return out[:fg_end], out[fg_end:]
+
+
 def _fit(cfg: Config, uris: list[str]) -> dict:
     """Runs as a Ray task (on a GPU node when there is one): reads only the two columns it needs."""
-    table = parts.read_table(uris, ["is_fg", "feature"])
-    x = parts.column_array(table, "feature", dtype=np.float32)
-    is_fg = table.column("is_fg").to_numpy(zero_copy_only=False)
+    fg, bg = read_pools(uris)
     c = cfg.cluster
-    concepts = fit_concepts(x[is_fg], x[~is_fg] if c.k_bg else None, c.k_fg, c.k_bg, niter=c.niter, seed=c.seed,
+    concepts = fit_concepts(fg, bg if c.k_bg else None, c.k_fg, c.k_bg, niter=c.niter, seed=c.seed,
                             max_points_per_centroid=c.max_points_per_centroid)
     buf = io.BytesIO()
     np.savez(buf, **concepts.to_arrays())
     out = concepts_output(cfg)
     out.write_part(CONCEPTS, buf.getvalue())
-    return out.commit({"k_fg": c.k_fg, "k_bg": c.k_bg, "d": int(x.shape[1]), "seed": c.seed, "niter": c.niter,
-                       "points_fg": int(is_fg.sum()), "points_bg": int((~is_fg).sum()),
+    return out.commit({"k_fg": c.k_fg, "k_bg": c.k_bg, "d": int(fg.shape[1]), "seed": c.seed, "niter": c.niter,
+                       "points_fg": len(fg), "points_bg": len(bg),
                        "objective": concepts.objective})
 
 
