@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from transfgu_dist import parts
 from transfgu_dist.parts import fixed_list, list_values, read_table, write_part
 from transfgu_dist.stages.cluster import read_pools
 from transfgu_dist.storage import StageOutput
@@ -59,3 +60,37 @@ def test_write_part_encodes_floats_byte_stream_split(tmp_path):
     assert "BYTE_STREAM_SPLIT" in encodings["beta"] and "BYTE_STREAM_SPLIT" in encodings["maps.list.element"]
     assert "RLE_DICTIONARY" in encodings["image_id"] and "RLE_DICTIONARY" not in encodings["maps.list.element"]
     assert read_table([out.part_uri(name)]).equals(table)
+
+
+def _crop_part(out: StageOutput, writer: str, ids: list[str], bad: list[str] = ()) -> str:
+    """A part with two rows per image, tagged with the attempt that wrote it."""
+    rows = [i for i in ids for _ in range(2)]
+    table = pa.table({"image_id": pa.array(rows, pa.string()), "writer": [writer] * len(rows)})
+    return write_part(out, table, ids, list(bad))
+
+
+def test_deduplicate_leaves_each_image_in_one_part(tmp_path):
+    out = StageOutput(str(tmp_path / "features"))
+    a = _crop_part(out, "a", ["1", "2", "3"])
+    b = _crop_part(out, "b", ["3", "4"])          # overlaps a in part: rewritten as {4}
+    c = _crop_part(out, "c", ["1", "2"])          # inside a: removed
+    d = _crop_part(out, "d", ["5"], bad=["x"])    # kept
+    e = _crop_part(out, "e", [], bad=["x"])       # its one bad image is in d: removed
+    assert sorted(parts.deduplicate(out)) == sorted([b, c, e])
+    assert parts.coverage(out) == {a: ({"1", "2", "3"}, set()), d: ({"5"}, {"x"}),
+                                   parts.part_name(["4"], []): ({"4"}, set())}
+    table = read_table([out.part_uri(n) for n in out.done_parts()])
+    rows = sorted(zip(table.column("image_id").to_pylist(), table.column("writer").to_pylist()))
+    assert rows == [(i, w) for i, w in [("1", "a"), ("2", "a"), ("3", "a"), ("4", "b"), ("5", "d")] for _ in range(2)]
+    assert parts.deduplicate(out) == []  # idempotent
+
+
+def test_deduplicate_after_a_crash_mid_rewrite(tmp_path):
+    """A crash after a's rewrite was published but before a was removed: the rerun removes a, keeps the rewrite."""
+    out = StageOutput(str(tmp_path / "bank"))
+    a = _crop_part(out, "a", ["1", "2"])
+    b = _crop_part(out, "b", ["2", "3", "4"])  # the larger: kept first, so a loses "2"
+    rest = _crop_part(out, "a", ["1"])         # what the interrupted rewrite of a had published
+    assert parts.deduplicate(out) == [a]
+    assert sorted(parts.coverage(out)) == sorted([b, rest])
+    assert parts.processed_ids(out) == ({"1", "2", "3", "4"}, set())

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from conftest import SMALL, free_port, job
 from transfgu_dist.config import load_config
-from transfgu_dist.parts import list_values, read_table
+from transfgu_dist.parts import list_values, read_table, write_part
+from transfgu_dist.storage import StageOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -106,9 +108,16 @@ def test_extract_resumes_after_kill(run_dir, tmp_path):
         proc.wait()
     first = {p.name: p.stat().st_mtime_ns for p in parquet_files(out / "features")}
     assert first and not (out / "features" / "_SUCCESS.json").exists(), "the kill came too late to test a resume"
+    # a second attempt had batched one of those images on its own: the commit keeps the image once
+    part = next(t for t in (read_table([str(out / "features" / n)]) for n in sorted(first))
+                if len(set(t.column("image_id").to_pylist())) > 1)
+    one = part.column("image_id")[0].as_py()
+    twice = write_part(StageOutput(str(out / "features")), part.filter(pc.equal(part.column("image_id"), one)), [one],
+                       [])
     job("extract", f"output={out}", f"data.root={run_dir / 'data'}", *SMALL)
     assert (out / "features" / "_SUCCESS.json").exists()
     assert {n: (out / "features" / n).stat().st_mtime_ns for n in first} == first  # committed parts not redone
+    assert not (out / "features" / twice).exists()
     key = ["image_id", "beta", "box"]
     resumed = read_table([str(p) for p in parquet_files(out / "features")]).sort_by([("image_id", "ascending")])
     clean = read_table([str(p) for p in parquet_files(run_dir / "features")]).sort_by([("image_id", "ascending")])

@@ -1,16 +1,19 @@
 """Parquet parts of a stage output: each part records which images it covers, so a rerun skips them.
 
 A part is named by a hash of the image ids it covers and published atomically (StageOutput.write_part),
-so a retried batch rewrites the same name; `processed_ids` reads only the Parquet footers.
+so a retried batch rewrites the same name; `processed_ids` reads only the Parquet footers, and `deduplicate`
+leaves each image in one part before a stage commits.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -38,10 +41,15 @@ def _float_leaves(schema: pa.Schema) -> list[str]:
     return paths
 
 
+def part_name(image_ids: Iterable[str], bad: Iterable[str]) -> str:
+    """The name of the part covering `image_ids` and the unreadable `bad` ones: the same for a retried batch."""
+    covered = sorted(image_ids) + sorted(bad)
+    return "part-" + hashlib.sha1("\n".join(covered).encode()).hexdigest()[:16] + ".parquet"
+
+
 def write_part(out: StageOutput, table: pa.Table, image_ids: list[str], bad: list[str]) -> str:
     """Publish `table` as one part covering `image_ids` (bad images included, listed apart)."""
-    covered = sorted(image_ids) + sorted(bad)
-    name = "part-" + hashlib.sha1("\n".join(covered).encode()).hexdigest()[:16] + ".parquet"
+    name = part_name(image_ids, bad)
     meta = {**(table.schema.metadata or {}), IDS_KEY: json.dumps(sorted(image_ids)).encode(),
             BAD_KEY: json.dumps(sorted(bad)).encode()}
     buf = io.BytesIO()
@@ -60,15 +68,51 @@ def _footer(uri: str) -> dict[bytes, bytes]:
     return pq.read_schema(path, filesystem=fs).metadata or {}
 
 
+def coverage(out: StageOutput) -> dict[str, tuple[set[str], set[str]]]:
+    """Published part name -> (image ids written, bad image ids), from the footers."""
+    if not storage.exists(out.uri):
+        return {}
+    cover = {}
+    for name in sorted(n for n in out.done_parts() if n.endswith(".parquet")):
+        meta = _footer(out.part_uri(name))
+        cover[name] = set(json.loads(meta[IDS_KEY])), set(json.loads(meta[BAD_KEY]))
+    return cover
+
+
 def processed_ids(out: StageOutput) -> tuple[set[str], set[str]]:
-    """(image ids written, bad image ids) over the committed parts of `out`."""
+    """(image ids written, bad image ids) over the published parts of `out`."""
     done, bad = set(), set()
-    if storage.exists(out.uri):
-        for name in sorted(n for n in out.done_parts() if n.endswith(".parquet")):
-            meta = _footer(out.part_uri(name))
-            done.update(json.loads(meta[IDS_KEY]))
-            bad.update(json.loads(meta[BAD_KEY]))
+    for ids, bad_ids in coverage(out).values():
+        done |= ids
+        bad |= bad_ids
     return done, bad
+
+
+def deduplicate(out: StageOutput) -> list[str]:
+    """Leave every image in exactly one published part of `out`; returns the names of the parts removed.
+
+    Attempts that batched the same images differently (two drivers resuming one output at once, a retry that Ray
+    Data re-bundled) publish overlapping parts, and the stage would count those images twice. Larger parts are kept
+    first; a part whose images are all kept elsewhere is removed, one that overlaps in part is rewritten without the
+    overlap and then removed. Safe to rerun after a crash at any point (the rewrite's name is deterministic).
+    """
+    cover = coverage(out)
+    kept, removed = set(), []
+    for name in sorted(cover, key=lambda n: (-len(cover[n][0]) - len(cover[n][1]), n)):
+        ids, bad = cover[name]
+        overlap = (ids | bad) & kept
+        if not overlap:
+            kept |= ids | bad
+            continue
+        ids, bad = ids - overlap, bad - overlap
+        if (ids or bad) and part_name(ids, bad) not in cover:  # else: nothing left, or a part already holds the rest
+            table = read_table([out.part_uri(name)])
+            write_part(out, table.filter(pc.is_in(table.column("image_id"), pa.array(sorted(ids), pa.string()))),
+                       sorted(ids), sorted(bad))
+            kept |= ids | bad
+        storage.delete(out.part_uri(name))
+        removed.append(name)
+    return removed
 
 
 def part_uris(out: StageOutput) -> list[str]:

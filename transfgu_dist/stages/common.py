@@ -91,7 +91,8 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
     """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
 
     Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
-    GPUs); each actor call writes one Parquet part. A rerun skips every image a committed part covers.
+    GPUs); each actor call writes one Parquet part. A rerun skips every image a published part covers, and each
+    image is left in exactly one part before the commit (parts.deduplicate).
     """
     if out.is_committed():
         m = out.manifest()
@@ -105,6 +106,10 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
         ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_part, num_cpus=1)
         ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
         ds.materialize()
+    removed = parts.deduplicate(out)
+    if removed:
+        log.warning("%s: %d parts overlapped others (images batched twice); removed or rewritten: %s", out.uri,
+                    len(removed), ", ".join(removed))
     done, bad = parts.processed_ids(out)
     missing = {s.image_id for s in samples} - done - bad
     if missing:
