@@ -126,7 +126,7 @@ class Predictor:
         return {"confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_classes, IGNORE)[None],
                 "n_images": np.array([ok.sum()]),
                 "bad": np.array(["\n".join(batch["image_id"][~ok])]),
-                "overlay_ids": np.array([list(batch["image_id"][shown])], dtype=object),
+                "overlay_ids": np.array(["\n".join(batch["image_id"][shown])]),
                 "overlay_image": batch["image"][shown][None], "overlay_gt": gt[shown][None],
                 "overlay_pred": pred[shown][None]}
 
@@ -168,7 +168,7 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     out.write_part("confusion.png", confusion_matrix_png(scores.confusion, names))
     out.write_part("per_class_iou.png", per_class_iou_png(scores.per_class_iou, names))
     for r in rows:
-        for image_id, image, gt, pred in zip(r["overlay_ids"], r["overlay_image"], r["overlay_gt"],
+        for image_id, image, gt, pred in zip(r["overlay_ids"].split("\n"), r["overlay_image"], r["overlay_gt"],
                                              r["overlay_pred"]):
             panel = overlay_panel(image, gt, scores.matching[pred], cfg.data.n_classes, IGNORE)
             out.write_part(f"overlays/{image_id}.png", panel)
