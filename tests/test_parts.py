@@ -7,7 +7,9 @@ import pyarrow.parquet as pq
 
 from transfgu_dist import parts
 from transfgu_dist.parts import fixed_list, list_values, read_table, write_part
-from transfgu_dist.stages.cluster import read_pools
+from transfgu_dist.config import Config
+from transfgu_dist.stages.cluster import _fit, load_concepts, read_pools
+from transfgu_dist.stages.extract import features_output
 from transfgu_dist.storage import StageOutput
 
 
@@ -47,6 +49,48 @@ def test_read_pools_splits_and_widens_every_row(tmp_path):
     assert rows(fg) == rows(x[is_fg]) and rows(bg) == rows(x[~is_fg])  # every row once, exactly widened
     table = read_table(uris)
     assert np.array_equal(list_values(table.column("feature"))[table.column("is_fg").to_numpy()], fg.astype(np.float16))
+
+
+def _numbered_features(out: StageOutput, sizes: list[int], seed: int = 0) -> np.ndarray:
+    """Feature parts whose rows carry their global number in column 0; returns is_fg of every row."""
+    rng, is_fg, start = np.random.default_rng(seed), [], 0
+    for i, n in enumerate(sizes):
+        feats = np.zeros((n, 3), np.float16)
+        feats[:, 0] = np.arange(start, start + n)
+        fg = rng.random(n) < 0.4
+        write_part(out, pa.table({"is_fg": pa.array(fg), "feature": fixed_list(feats, pa.float16())}), [str(i)], [])
+        is_fg.append(fg)
+        start += n
+    return np.concatenate(is_fg)
+
+
+def test_read_pools_caps_each_pool_to_a_uniform_sample(tmp_path):
+    out = StageOutput(str(tmp_path / "features"))
+    is_fg = _numbered_features(out, [40, 1, 90, 69])
+    uris = [out.part_uri(name) for name in sorted(out.done_parts())]
+    fg_rows, bg_rows = set(np.flatnonzero(is_fg)), set(np.flatnonzero(~is_fg))
+
+    def numbers(a: np.ndarray) -> list[int]:
+        return sorted(a[:, 0].astype(int).tolist())
+    fg, bg = read_pools(uris, (30, None), seed=3)
+    assert len(set(numbers(fg))) == 30 and set(numbers(fg)) <= fg_rows  # 30 distinct fg rows
+    assert numbers(bg) == sorted(bg_rows)                                # no cap: every bg row
+    again, _ = read_pools(uris, (30, None), seed=3)
+    other, _ = read_pools(uris, (30, None), seed=4)
+    assert numbers(again) == numbers(fg) and numbers(other) != numbers(fg)
+    fg, bg = read_pools(uris, (10**6, 0))  # a cap over the pool's size keeps it whole; 0 reads none
+    assert numbers(fg) == sorted(fg_rows) and bg.shape == (0, 3)
+
+
+def test_cluster_reads_only_the_points_it_trains_on(tmp_path):
+    cfg = Config(output=str(tmp_path))
+    cfg.cluster.k_fg, cfg.cluster.k_bg, cfg.cluster.niter, cfg.cluster.max_points_per_centroid = 3, 2, 5, 7
+    features = features_output(cfg)
+    is_fg = _numbered_features(features, [50, 60, 70])
+    assert is_fg.sum() > 3 * 7 and (~is_fg).sum() > 2 * 7  # both caps bind
+    manifest = _fit(cfg, [features.part_uri(n) for n in sorted(features.done_parts())])
+    assert (manifest["points_fg"], manifest["points_bg"]) == (3 * 7, 2 * 7)
+    assert load_concepts(cfg).centroids.shape == (5, 3)
 
 
 def test_write_part_encodes_floats_byte_stream_split(tmp_path):

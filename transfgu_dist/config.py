@@ -62,7 +62,8 @@ class ClusterConfig:
     k_bg: int = 4
     niter: int = 100
     seed: int = 1
-    max_points_per_centroid: int | None = None  # None: use every point (FAISS would subsample to 256/centroid)
+    # None: every point; N: a uniform sample of N points per centroid, and only those are kept in memory
+    max_points_per_centroid: int | None = None
 
 
 @dataclass
