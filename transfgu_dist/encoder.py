@@ -39,6 +39,8 @@ class EncoderOutput:
     cls_attn: torch.Tensor       # (B, heads, 1 + hw) CLS query row of the last attention map (Eq. 1)
     patch: torch.Tensor | None   # (B, h, w, D) final patch tokens x^patch, when asked for
     grid: tuple[int, int]        # (h, w)
+    values: torch.Tensor         # (B, heads, 1 + hw, D / heads) V of the last block
+    cls_attended: torch.Tensor   # (B, heads, 1, D / heads) cls_attn @ values, on the way from cls_attn to cls
 
     @property
     def attn(self) -> torch.Tensor:
@@ -90,8 +92,10 @@ class ViTEncoder(nn.Module):
         if attn_grad:
             row = row.detach().requires_grad_()
         with torch.set_grad_enabled(attn_grad):
-            cls = self._finish(row.unsqueeze(2) @ v, x[:, :1])[:, 0]
-        return EncoderOutput(cls=cls, cls_attn=row, patch=patch, grid=(H // p, W // p))
+            attended = row.unsqueeze(2) @ v
+            cls = self._finish(attended, x[:, :1])[:, 0]
+        return EncoderOutput(cls=cls, cls_attn=row, patch=patch, grid=(H // p, W // p), values=v,
+                             cls_attended=attended)
 
     def _finish(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """Rest of the last block for some query rows: head merge, projection, MLP, final norm."""

@@ -1,8 +1,8 @@
 """Grad-CAM response maps of the K concepts on the last attention map (paper Eqs 5-8).
 
-All K maps come from ONE forward and ONE batched backward: the losses of all concepts (B, K) are
-differentiated with respect to the CLS attention row of the last block with `is_grads_batched`, so the
-backward runs K times vectorised through the last block's CLS path only (reference doc sec 4, derived note).
+All K maps come from ONE forward and ONE batched backward through the last block's CLS path only (reference doc
+sec 4, derived note): the losses of all concepts (B, K) are differentiated with `is_grads_batched` down to the CLS
+row's attention output A V, and the last step to A is one GEMM for all K at once, dL/dA = (dL/d(A V)) V^T.
 """
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ def attention_gradients(out: EncoderOutput, concepts: torch.Tensor, kind: str, l
     loss = loss_scale * (1 - concept_similarity(out.cls, concepts, kind))  # (B, K)
     B, K = loss.shape
     one_hot = torch.eye(K, dtype=loss.dtype, device=loss.device).unsqueeze(1).expand(K, B, K)
-    (grad,) = torch.autograd.grad(loss, out.cls_attn, grad_outputs=one_hot, is_grads_batched=True)
-    return grad[..., 1:].mean(2).permute(1, 0, 2).unflatten(2, out.grid)  # (K,B,heads,N) -> (B,K,h,w)
+    (g,) = torch.autograd.grad(loss, out.cls_attended, grad_outputs=one_hot, is_grads_batched=True)  # (K,B,heads,1,d)
+    # Differentiated down to A itself under vmap, V was expanded K times: on CPU at K = 171 that made the batched
+    # backward slower than a loop of K backwards, and Grad-CAM 1.5x slower than this GEMM (docs/performance.md).
+    grad = g.squeeze(3).permute(1, 2, 0, 3) @ out.values.transpose(-2, -1)  # (B, heads, K, N)
+    return grad[..., 1:].mean(1).unflatten(2, out.grid)  # (B, K, h, w)
 
 
 def top_mass_mask(x: torch.Tensor, mass: float) -> torch.Tensor:
