@@ -86,6 +86,16 @@ def s3_bucket(s3_server):
         storage.configure(None)
 
 
+@pytest.fixture(params=["local", "file", "s3"])
+def root(request, tmp_path):
+    """A fresh, empty root directory in each supported URI style."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    if request.param == "file":
+        return "file://" + str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
 # ---- end-to-end runs of the jobs, shared by the pipeline, sweep and object-storage tests ----
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -113,8 +113,8 @@ def _crop_part(out: StageOutput, writer: str, ids: list[str], bad: list[str] = (
     return write_part(out, table, ids, list(bad))
 
 
-def test_deduplicate_leaves_each_image_in_one_part(tmp_path):
-    out = StageOutput(str(tmp_path / "features"))
+def test_deduplicate_leaves_each_image_in_one_part(root):
+    out = StageOutput(root + "/features")
     a = _crop_part(out, "a", ["1", "2", "3"])
     b = _crop_part(out, "b", ["3", "4"])          # overlaps a in part: rewritten as {4}
     c = _crop_part(out, "c", ["1", "2"])          # inside a: removed
@@ -129,9 +129,9 @@ def test_deduplicate_leaves_each_image_in_one_part(tmp_path):
     assert parts.deduplicate(out) == []  # idempotent
 
 
-def test_deduplicate_after_a_crash_mid_rewrite(tmp_path):
+def test_deduplicate_after_a_crash_mid_rewrite(root):
     """A crash after a's rewrite was published but before a was removed: the rerun removes a, keeps the rewrite."""
-    out = StageOutput(str(tmp_path / "bank"))
+    out = StageOutput(root + "/bank")
     a = _crop_part(out, "a", ["1", "2"])
     b = _crop_part(out, "b", ["2", "3", "4"])  # the larger: kept first, so a loses "2"
     rest = _crop_part(out, "a", ["1"])         # what the interrupted rewrite of a had published

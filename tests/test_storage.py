@@ -26,16 +26,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["local", "file", "s3"])
-def root(request, tmp_path):
-    """A fresh, empty root directory in each supported URI style."""
-    if request.param == "local":
-        return str(tmp_path / "root")
-    if request.param == "file":
-        return "file://" + str(tmp_path / "root")
-    return request.getfixturevalue("s3_bucket") + "/root"
-
-
 # ------------------------------------------------------------------------------- basics
 
 
