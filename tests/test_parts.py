@@ -120,13 +120,14 @@ def test_deduplicate_leaves_each_image_in_one_part(root):
     c = _crop_part(out, "c", ["1", "2"])          # inside a: removed
     d = _crop_part(out, "d", ["5"], bad=["x"])    # kept
     e = _crop_part(out, "e", [], bad=["x"])       # its one bad image is in d: removed
-    assert sorted(parts.deduplicate(out)) == sorted([b, c, e])
-    assert parts.coverage(out) == {a: ({"1", "2", "3"}, set()), d: ({"5"}, {"x"}),
-                                   parts.part_name(["4"], []): ({"4"}, set())}
+    removed, left = parts.deduplicate(out)
+    assert sorted(removed) == sorted([b, c, e])
+    assert parts.coverage(out) == left == {a: ({"1", "2", "3"}, set()), d: ({"5"}, {"x"}),
+                                           parts.part_name(["4"], []): ({"4"}, set())}
     table = read_table([out.part_uri(n) for n in out.done_parts()])
     rows = sorted(zip(table.column("image_id").to_pylist(), table.column("writer").to_pylist()))
     assert rows == [(i, w) for i, w in [("1", "a"), ("2", "a"), ("3", "a"), ("4", "b"), ("5", "d")] for _ in range(2)]
-    assert parts.deduplicate(out) == []  # idempotent
+    assert parts.deduplicate(out) == ([], left)  # idempotent
 
 
 def test_deduplicate_after_a_crash_mid_rewrite(root):
@@ -135,6 +136,7 @@ def test_deduplicate_after_a_crash_mid_rewrite(root):
     a = _crop_part(out, "a", ["1", "2"])
     b = _crop_part(out, "b", ["2", "3", "4"])  # the larger: kept first, so a loses "2"
     rest = _crop_part(out, "a", ["1"])         # what the interrupted rewrite of a had published
-    assert parts.deduplicate(out) == [a]
-    assert sorted(parts.coverage(out)) == sorted([b, rest])
+    removed, left = parts.deduplicate(out)
+    assert removed == [a]
+    assert sorted(parts.coverage(out)) == sorted(left) == sorted([b, rest])
     assert parts.processed_ids(out) == ({"1", "2", "3", "4"}, set())

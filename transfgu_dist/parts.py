@@ -54,7 +54,7 @@ def write_part(out: StageOutput, table: pa.Table, image_ids: list[str], bad: lis
             BAD_KEY: json.dumps(sorted(bad)).encode()}
     buf = io.BytesIO()
     # Floats go BYTE_STREAM_SPLIT, not dictionary-encoded (pyarrow's default): an fp16 column never outgrows its
-    # 64k-entry dictionary, and decoding those indices made reads 2.6x slower (docs/performance.md).
+    # 64k-entry dictionary, and decoding those indices made the feature read 3.8x slower (docs/performance.md).
     floats = _float_leaves(table.schema)
     flat = [f.name for f in table.schema if not pa.types.is_nested(f.type) and f.name not in floats]
     pq.write_table(table.replace_schema_metadata(meta), buf, compression="zstd", use_dictionary=flat,
@@ -79,17 +79,23 @@ def coverage(out: StageOutput) -> dict[str, tuple[set[str], set[str]]]:
     return cover
 
 
-def processed_ids(out: StageOutput) -> tuple[set[str], set[str]]:
-    """(image ids written, bad image ids) over the published parts of `out`."""
+def covered(cover: dict[str, tuple[set[str], set[str]]]) -> tuple[set[str], set[str]]:
+    """(image ids written, bad image ids) over the parts of a `coverage`."""
     done, bad = set(), set()
-    for ids, bad_ids in coverage(out).values():
+    for ids, bad_ids in cover.values():
         done |= ids
         bad |= bad_ids
     return done, bad
 
 
-def deduplicate(out: StageOutput) -> list[str]:
-    """Leave every image in exactly one published part of `out`; returns the names of the parts removed.
+def processed_ids(out: StageOutput) -> tuple[set[str], set[str]]:
+    """(image ids written, bad image ids) over the published parts of `out`."""
+    return covered(coverage(out))
+
+
+def deduplicate(out: StageOutput) -> tuple[list[str], dict[str, tuple[set[str], set[str]]]]:
+    """Leave every image in exactly one published part of `out`; returns the names of the parts removed and the
+    coverage of the parts left.
 
     Attempts that batched the same images differently (two drivers resuming one output at once, a retry that Ray
     Data re-bundled) publish overlapping parts, and the stage would count those images twice. Larger parts are kept
@@ -97,22 +103,24 @@ def deduplicate(out: StageOutput) -> list[str]:
     overlap and then removed. Safe to rerun after a crash at any point (the rewrite's name is deterministic).
     """
     cover = coverage(out)
-    kept, removed = set(), []
+    kept, removed, left = set(), [], {}
     for name in sorted(cover, key=lambda n: (-len(cover[n][0]) - len(cover[n][1]), n)):
         ids, bad = cover[name]
         overlap = (ids | bad) & kept
         if not overlap:
             kept |= ids | bad
+            left[name] = ids, bad
             continue
         ids, bad = ids - overlap, bad - overlap
         if (ids or bad) and part_name(ids, bad) not in cover:  # else: nothing left, or a part already holds the rest
             table = read_table([out.part_uri(name)])
-            write_part(out, table.filter(pc.is_in(table.column("image_id"), pa.array(sorted(ids), pa.string()))),
-                       sorted(ids), sorted(bad))
+            rest = write_part(out, table.filter(pc.is_in(table.column("image_id"), pa.array(sorted(ids), pa.string()))),
+                              sorted(ids), sorted(bad))
             kept |= ids | bad
+            left[rest] = ids, bad
         storage.delete(out.part_uri(name))
         removed.append(name)
-    return removed
+    return removed, left
 
 
 def part_uris(out: StageOutput) -> list[str]:

@@ -106,11 +106,11 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
         ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_part, num_cpus=1)
         ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
         ds.materialize()
-    removed = parts.deduplicate(out)
+    removed, cover = parts.deduplicate(out)
     if removed:
         log.warning("%s: %d parts overlapped others (images batched twice); removed or rewritten: %s", out.uri,
                     len(removed), ", ".join(removed))
-    done, bad = parts.processed_ids(out)
+    done, bad = parts.covered(cover)
     missing = {s.image_id for s in samples} - done - bad
     if missing:
         raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, e.g. {sorted(missing)[:3]}")
