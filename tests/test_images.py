@@ -89,3 +89,32 @@ def test_resize_labels_nearest():
     )
     torch.testing.assert_close(out, expected)
     assert resize_labels(torch.zeros(3, 8, 8, dtype=torch.long), (2, 4)).shape == (3, 2, 4)
+
+
+def test_16bit_png_matches_its_8bit_version_within_one_level():
+    """A 16-bit grayscale PNG is scaled (v / 257), not clipped to white: equal to its 8-bit version within 1 level."""
+    ramp8 = np.arange(0, 256, 15, dtype=np.uint8).reshape(2, 9)[None].repeat(3, 0).reshape(6, 9)
+    ramp16 = np.minimum(ramp8.astype(np.uint32) * 257 + 100, 65535).astype(np.uint16)  # +100: < half a level
+    buf = io.BytesIO()
+    Image.fromarray(ramp16).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # really a 16-bit file
+    img16, img8 = decode_image(buf.getvalue(), "a16.png"), decode_image(encode(ramp8), "a8.png")
+    assert img16.shape == (6, 9, 3) and img16.dtype == np.uint8
+    assert np.abs(img16.astype(int) - img8).max() <= 1
+    assert img16[0, 0, 0] == 0 and img16[..., 0].max() == 255  # not all white
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (20, 2000), (2000, 20)])
+def test_extreme_shapes_decode_and_resize(shape):
+    rgb = np.full((*shape, 3), 77, np.uint8)
+    img = decode_image(encode(rgb), "odd.png")
+    assert img.shape == (*shape, 3)
+    out = to_float_batch(img, (16, 16))
+    assert out.shape == (1, 3, 16, 16) and torch.allclose(out, torch.full_like(out, 77 / 255), atol=1e-3)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    buf = io.BytesIO()
+    Image.new("CMYK", (4, 3), (0, 255, 255, 0)).save(buf, format="JPEG")  # pure red in CMYK
+    img = decode_image(buf.getvalue(), "cmyk.jpg")
+    assert img.shape == (3, 4, 3) and img[..., 0].min() > 200 and img[..., 1:].max() < 60

@@ -27,8 +27,12 @@ def _open(data: bytes, path: str, expected: str) -> Image.Image:
 
 
 def decode_image(data: bytes, path: str) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB array ``[H, W, 3]`` (grayscale/RGBA/palette converted)."""
+    """Encoded bytes -> uint8 RGB array ``[H, W, 3]`` (grayscale/RGBA/palette/CMYK converted). 16-bit grayscale
+    (Pillow's I;16 / I modes) is scaled to 8 bits (v / 257), not clipped to white as ``convert("RGB")`` would."""
     img = _open(data, path, "an RGB-convertible image (PNG/JPEG/...)")
+    if img.mode.startswith("I"):
+        gray = np.round(np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
     return np.array(img.convert("RGB"), dtype=np.uint8)
 
 
