@@ -147,6 +147,31 @@ def test_bootstrap_ddp_two_workers_survives_a_worker_failure(run_dir, tmp_path):
         assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in two.items()}
 
 
+def test_bootstrap_resumed_after_a_worker_failure_equals_the_uninterrupted_run(run_dir, tmp_path):
+    """The worker dies after epoch 0's checkpoint; the restarted group resumes from it with the RNG streams (dropout,
+    augmentations) and best state restored: every decoder is bit-identical to the shared uninterrupted run's."""
+    import json
+
+    out = copy_bank(run_dir, tmp_path / "resumed")
+    marker = tmp_path / "failed-once"
+    job("bootstrap", f"output={out}", f"data.root={out / 'data'}", *SMALL,
+        env={"TRANSFGU_FAIL_ONCE_AT_EPOCH": f"1:{marker}"})
+    assert marker.exists()
+    resumed, clean = (json.loads((d / "bootstrap" / "_SUCCESS.json").read_text()) for d in (out, run_dir))
+    assert resumed["metrics"]["resumed_at"] == 1 and clean["metrics"]["resumed_at"] == 0
+    assert resumed["metrics"]["val/miou"] == clean["metrics"]["val/miou"]
+    for name in ("round-0.pt", "round-1.pt", "final.pt", "best.pt"):
+        one = torch.load(run_dir / "bootstrap" / name, weights_only=True)["decoder"]
+        two = torch.load(out / "bootstrap" / name, weights_only=True)["decoder"]
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one), name
+    # best.pt is the decoder of the epoch the manifest names (round-r.pt is the student after round r's epoch)
+    assert (resumed["best_epoch"], resumed["best_miou"]) == (clean["best_epoch"], clean["best_miou"])
+    best = torch.load(out / "bootstrap" / "best.pt", weights_only=True)
+    at_epoch = torch.load(out / "bootstrap" / f"round-{resumed['best_epoch']}.pt", weights_only=True)
+    assert best["round"] == resumed["best_epoch"]
+    assert all(torch.equal(best["decoder"][k], at_epoch["decoder"][k]) for k in best["decoder"])
+
+
 def stop_cluster(temp_dir: str) -> None:
     """Kill only the Ray processes of the cluster started with `temp_dir` (`ray stop` would kill every Ray here)."""
     for proc in Path("/proc").glob("[0-9]*/cmdline"):

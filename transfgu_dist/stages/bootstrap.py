@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import os
 import tempfile
 from dataclasses import asdict
@@ -39,6 +40,7 @@ from transfgu_dist.stages.pseudo_label import bank_output
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.targets import bootstrapped, hard_labels, soft_targets
 
+log = logging.getLogger(__name__)
 FAULT_ENV = "TRANSFGU_FAIL_ONCE_AT_EPOCH"  # chaos testing: "<epoch>:<marker file>" makes one worker crash once
 
 
@@ -47,11 +49,16 @@ def bootstrap_output(cfg: Config) -> StageOutput:
 
 
 def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: bank rows joined with their decoded images, maps reshaped to (K, h, w)."""
+    """Ray Data CPU task: bank rows joined with their decoded images, maps reshaped to (K, h, w). Rows whose image
+    can no longer be read (deleted or garbled since pseudo_label) are dropped, not trained on as black images."""
     batch = load_images(batch, cfg.train.image_size)
-    n, (h, w) = len(batch["image_id"]), batch["grid"][0]
-    return {"image": batch["image"], "maps": np.stack(batch["maps"]).reshape(n, -1, h, w),
-            "fg_prior": np.stack(batch["fg_prior"]).reshape(n, h, w)}
+    ok = batch["ok"]
+    if not ok.all():
+        log.warning("bootstrap: dropped %d unreadable images of %d in this batch: %s", int((~ok).sum()), len(ok),
+                    ", ".join(map(str, batch["image_id"][~ok])))
+    n, (h, w) = len(ok), batch["grid"][0]
+    return {"image": batch["image"][ok], "maps": np.stack(batch["maps"]).reshape(n, -1, h, w)[ok],
+            "fg_prior": np.stack(batch["fg_prior"]).reshape(n, h, w)[ok]}
 
 
 def training_dataset(cfg: Config) -> ray.data.Dataset:
@@ -104,8 +111,12 @@ class Bootstrapper:
             self.optimizer = make_optimizer(self.student, self.cfg)
 
     def state(self, round_: int, epoch: int) -> dict[str, Any]:
+        """Everything the next epoch depends on, random number streams included (the global one drives dropout,
+        `gen` the augmentations), so a resumed run continues the uninterrupted one bit for bit."""
         return {"student": self.student.state_dict(), "initial": self.initial, "optimizer": self.optimizer.state_dict(),
-                "teacher": self.teacher.state_dict() if self.teacher else None, "round": round_, "epoch": epoch}
+                "teacher": self.teacher.state_dict() if self.teacher else None, "round": round_, "epoch": epoch,
+                "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None}}
 
     def load(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -114,6 +125,11 @@ class Bootstrapper:
         if state["teacher"] is not None:
             self.teacher = copy.deepcopy(self.student).eval().requires_grad_(False)
             self.teacher.load_state_dict(state["teacher"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        self.gen.set_state(rng["gen"].cpu())
+        if rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.dev)
 
     def targets(self, maps: torch.Tensor, fg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Soft labels M of the crop (Eq. 8 where configured) and the pseudo-foreground pixels."""
@@ -163,11 +179,10 @@ def _maybe_fail(epoch: int) -> None:
             raise RuntimeError(f"injected failure at epoch {epoch} ({FAULT_ENV})")
 
 
-def _export(cfg: Config, boot: Bootstrapper, round_: int, name: str) -> None:
-    """Rank 0: the student as `name`, in the checkpoint format evaluate.load_decoder reads."""
+def _export(cfg: Config, decoder: dict[str, torch.Tensor], round_: int, name: str) -> None:
+    """Rank 0: a decoder state as `name`, in the checkpoint format evaluate.load_decoder reads."""
     buf = io.BytesIO()
-    torch.save({"decoder": boot.student.state_dict(), "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder),
-                "round": round_}, buf)
+    torch.save({"decoder": decoder, "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder), "round": round_}, buf)
     bootstrap_output(cfg).write_part(name, buf.getvalue())
 
 
@@ -207,7 +222,7 @@ def train_loop(config: dict[str, Any]) -> None:
     while round_ < len(epochs):
         if epoch >= epochs[round_]:  # round finished: publish its student, start the next round
             if rank0:
-                _export(cfg, boot, round_, f"round-{round_}.pt")
+                _export(cfg, boot.student.state_dict(), round_, f"round-{round_}.pt")
             round_, epoch = round_ + 1, 0
             if round_ < len(epochs):
                 boot.start_round()
@@ -227,9 +242,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank0 and cfg.train.eval_every and (global_epoch + 1) % cfg.train.eval_every == 0:
             metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
             if metrics["val/miou"] > best["val/miou"]:  # reference protocol: best epoch on val, kept apart
-                best = {"val/miou": metrics["val/miou"], "global_epoch": global_epoch}
-                _export(cfg, boot, round_, "best.pt")
-            metrics.update({f"best/{k}": v for k, v in best.items()})
+                best = {"val/miou": metrics["val/miou"], "global_epoch": global_epoch, "round": round_,
+                        "decoder": copy.deepcopy(boot.student.state_dict())}
+            metrics.update({f"best/{k}": best[k] for k in ("val/miou", "global_epoch") if k in best})
         if rank0 and mlflow_run:
             log_epoch(*mlflow_run, metrics, step=global_epoch)
         with tempfile.TemporaryDirectory() as d:
@@ -278,6 +293,20 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> dic
     result = make_trainer(cfg, "bootstrap", mlflow_run=mlflow_run).fit()
     last = len(cfg.train.round_epochs) - 1
     out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
+    best = export_best(cfg, result.checkpoint)
     return out.commit({"rounds": last + 1, "epochs": sum(cfg.train.round_epochs), "final": "final.pt",
-                       "workers": cfg.train.num_workers, "metrics": result.metrics,
+                       "workers": cfg.train.num_workers, "metrics": result.metrics, **best,
                        "train_checkpoint": result.checkpoint.path if result.checkpoint else None})
+
+
+def export_best(cfg: Config, checkpoint: ray.train.Checkpoint | None) -> dict[str, Any]:
+    """best.pt from the last Train checkpoint's best state: written at commit, so it always matches the manifest
+    (an epoch-time file could hold a discarded attempt's weights after a restart)."""
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as d:
+        best = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)["best"]
+    if "decoder" not in best:  # no validation ran (train.eval_every=0)
+        return {}
+    _export(cfg, best["decoder"], best["round"], "best.pt")
+    return {"best": "best.pt", "best_epoch": best["global_epoch"], "best_miou": best["val/miou"]}

@@ -24,9 +24,13 @@ def concepts_output(cfg: Config) -> StageOutput:
 
 
 def load_concepts(cfg: Config) -> Concepts:
-    out = concepts_output(cfg)
-    with np.load(io.BytesIO(storage.read_bytes(out.part_uri(CONCEPTS)))) as arrays:
-        return Concepts.from_arrays(dict(arrays))
+    uri = concepts_output(cfg).part_uri(CONCEPTS)
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as arrays:
+            return Concepts.from_arrays(dict(arrays))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise ValueError(f"{uri}: expected the cluster stage's .npz of centroids and is_fg; could not read it ({e}); "
+                         f"delete {concepts_output(cfg).uri} to redo the cluster stage") from None
 
 
 def _sample(is_fg: np.ndarray, caps: tuple[int | None, int | None], seed: int) -> np.ndarray:

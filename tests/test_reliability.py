@@ -1,0 +1,47 @@
+"""Damaged outputs and inputs: named in one line, never trained on (issue 16)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from transfgu_dist.config import load_config
+from transfgu_dist.stages.bootstrap import bank_rows
+from transfgu_dist.stages.cluster import load_concepts
+
+
+def test_garbage_concepts_npz_names_the_file(tmp_path):
+    cfg = load_config(overrides=[f"output={tmp_path}"])
+    path = tmp_path / "concepts" / "concepts.npz"
+    path.parent.mkdir()
+    for garbage in (b"not an npz at all", None):
+        if garbage is None:  # a valid .npz that needs pickle: refused, not unpickled
+            np.savez(path, centroids=np.array([{"a": 1}], dtype=object))
+        else:
+            path.write_bytes(garbage)
+        with pytest.raises(ValueError, match=rf"{path}: expected the cluster stage's \.npz") as e:
+            load_concepts(cfg)
+        assert "\n" not in str(e.value)
+
+
+def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
+    """An image deleted or garbled after pseudo_label is dropped from training (and logged), not a black image."""
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(good)
+    (tmp_path / "garbled.png").write_bytes(b"\x89PNG garbage")
+    K, h, w = 3, 2, 2
+    maps = [np.full(K * h * w, i, np.float16) for i in range(3)]
+    batch = {"image_id": np.array(["good", "garbled", "deleted"]),
+             "uri": np.array([str(good), str(tmp_path / "garbled.png"), str(tmp_path / "deleted.png")]),
+             "grid": np.array([[h, w]] * 3), "maps": np.array(maps + [None], dtype=object)[:3],
+             "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3]}
+    cfg = load_config(overrides=["train.image_size=[8, 8]"])
+    rows = bank_rows(batch, cfg)
+    assert rows["image"].shape == (1, 8, 8, 3) and rows["image"].min() == 200
+    assert rows["maps"].shape == (1, K, h, w) and (rows["maps"] == 0).all()  # the good row's maps
+    assert rows["fg_prior"].shape == (1, h, w)
+    assert "dropped 2 unreadable images of 3" in caplog.text and "garbled, deleted" in caplog.text
+    none = bank_rows({k: v[1:] for k, v in batch.items()}, cfg)
+    assert none["image"].shape == (0, 8, 8, 3) and none["maps"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
