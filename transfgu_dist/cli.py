@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist import storage, tracking
+from transfgu_dist import lease, storage, tracking
 from transfgu_dist.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from transfgu_dist.datasets import ensure_synthetic
 from transfgu_dist.encoder import resolve_encoder
@@ -104,6 +104,7 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, argv)
     cfg = prepare(args)
+    lease.hold(cfg.output)  # one driver per output; the second is refused in one line
     from transfgu_dist.stages.common import init_ray
 
     init_ray(args.address)
