@@ -31,3 +31,21 @@ def test_existing_experiment_elsewhere_is_reported(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="transfgu_dist.tracking"):
         assert tracking.use_experiment(on_s3) == first
     assert "keeps its artifacts at" in caplog.text and "s3://bucket/run/mlflow-artifacts" in caplog.text
+
+
+def test_runs_left_running_by_a_killed_driver_are_marked_killed(tmp_path):
+    """A killed driver leaves its runs RUNNING (created, never terminated); the next driver of that output ends
+    them as KILLED and leaves other outputs' runs alone."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(overrides=[f"output={tmp_path / 'run'}", f"mlflow_uri={uri}"])
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = tracking.use_experiment(cfg)
+    ids = {name: client.create_run(exp, tags={tracking.OUTPUT_TAG: str(tmp_path / out)}).info.run_id
+           for name, out in (("killed", "run"), ("finished", "run"), ("elsewhere", "other"))}
+    client.set_terminated(ids["finished"])
+    with tracking.run(cfg, "tagged") as active:  # the fluent runs carry the tag
+        assert client.get_run(active.info.run_id).data.tags[tracking.OUTPUT_TAG] == cfg.output
+    assert tracking.close_orphans(cfg) == [ids["killed"]]
+    status = {k: client.get_run(v).info.status for k, v in ids.items()}
+    assert status == {"killed": "KILLED", "finished": "FINISHED", "elsewhere": "RUNNING"}
+    assert tracking.close_orphans(cfg) == []

@@ -110,6 +110,7 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     init_ray(args.address)
     ensure_synthetic(cfg)
     check_output(cfg, stages)
+    tracking.close_orphans(cfg)
     results, timings = {}, {}
     with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
         for name in stages:

@@ -23,6 +23,7 @@ from transfgu_dist import storage
 from transfgu_dist.config import Config, dump_yaml, to_dict
 
 log = logging.getLogger(__name__)
+OUTPUT_TAG = "transfgu.output"  # the output folder a run wrote
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -78,9 +79,24 @@ def run(cfg: Config, name: str, nested: bool = False, run_id: str | None = None)
     experiment = use_experiment(cfg)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=name, nested=nested) as active:
         if run_id is None:
+            mlflow.set_tag(OUTPUT_TAG, cfg.output)
             mlflow.log_params(flat_params(cfg))
             mlflow.log_text(dump_yaml(cfg), "config.yaml")
         yield active
+
+
+def close_orphans(cfg: Config) -> list[str]:
+    """Mark KILLED the runs of `cfg.output` still RUNNING: their drivers were killed (the caller holds the output's
+    lease, so no live driver owns them). Returns their ids."""
+    experiment = use_experiment(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    output = cfg.output.replace("'", "\\'")
+    runs = client.search_runs([experiment], f"tags.`{OUTPUT_TAG}` = '{output}' and attributes.status = 'RUNNING'")
+    for r in runs:
+        client.set_terminated(r.info.run_id, "KILLED")
+    if runs:
+        log.warning("MLflow: marked %d runs of %s left RUNNING by killed drivers as KILLED", len(runs), cfg.output)
+    return [r.info.run_id for r in runs]
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
