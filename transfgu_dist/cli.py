@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from transfgu_dist import lease, storage, tracking
-from transfgu_dist.config import Config, ConfigError, dump_yaml, load_config, to_dict
+from transfgu_dist.config import Config, ConfigError, load_config, to_dict
 from transfgu_dist.datasets import ensure_synthetic
 from transfgu_dist.encoder import resolve_encoder
 
@@ -62,11 +62,18 @@ def prepare(args: argparse.Namespace) -> Config:
 
 def check_output(cfg: Config, stages: Sequence[str]) -> None:
     """Refuse to resume into an output folder whose committed stages were made with other settings."""
-    uri = storage.join(cfg.output, "config.yaml")
-    if storage.exists(uri):
-        import yaml
+    import yaml
 
-        old, new = yaml.safe_load(storage.read_bytes(uri)), to_dict(cfg)
+    uri = storage.join(cfg.output, "config.yaml")
+    new = to_dict(cfg)
+    if storage.exists(uri):
+        try:
+            old = yaml.safe_load(storage.read_bytes(uri))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{uri}: expected the YAML settings this output was made with, could not parse it "
+                              f"({str(e).splitlines()[0]}); restore or delete it") from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{uri}: expected a mapping of config sections, got {type(old).__name__}")
         changed = [f"{section}.{k}" for stage in stages for section in STAGE_INPUTS[stage]
                    for k in new[section] if old.get(section, {}).get(k) != new[section][k]
                    and f"{section}.{k}" not in RESOURCE_KEYS
@@ -74,7 +81,11 @@ def check_output(cfg: Config, stages: Sequence[str]) -> None:
         if changed:
             raise ConfigError(f"{cfg.output} holds committed results made with other settings ({', '.join(changed)}); "
                               f"use another output= or delete the stages to redo")
-    storage.write_bytes(uri, dump_yaml(cfg).encode())
+        # a job of some stages records only its own settings: other committed stages keep theirs
+        for stage in set(STAGE_INPUTS) - set(stages):
+            if storage.exists(storage.join(cfg.output, _dir(stage), "_SUCCESS.json")):
+                new.update({section: old[section] for section in STAGE_INPUTS[stage] if section in old})
+    storage.write_bytes(uri, yaml.safe_dump(new, sort_keys=False).encode())
 
 
 def _dir(stage: str) -> str:
