@@ -1,9 +1,12 @@
 """The encoder matches timm's own forward, loads DINO-format checkpoints, and batched Grad-CAM equals a K-loop."""
+import math
+
 import pytest
 import torch
 
 from transfgu_dist.config import EncoderConfig, PseudoLabelConfig
-from transfgu_dist.encoder import EncoderLoadError, build_encoder, load_dino_weights, resolve_encoder, ViTEncoder
+from transfgu_dist.encoder import (EncoderLoadError, build_encoder, dino_pos_embed, load_dino_weights, resolve_encoder,
+                                   ViTEncoder)
 from transfgu_dist.pseudo_labels import attention_gradients, concept_similarity, gradcam
 
 
@@ -26,18 +29,87 @@ def timm_last_attention(vit, x):
     return seen["a"][:, :, 0]
 
 
-def test_forward_matches_timm_any_size(encoder):
-    x = torch.randn(2, 3, 48, 72)  # not the 224 of the positional embedding: interpolated
-    out = encoder(x)
-    ref = encoder.vit.forward_features(x)
+FAMILIES = ["vit_tiny_test", "dinov2_tiny_test", "dinov2_reg4_tiny_test", "dinov3_tiny_test"]
+
+
+def perturbed(arch):
+    """A tiny encoder whose LayerScale gammas and biases (constant at init) are random, so that they count."""
+    enc = build_encoder(EncoderConfig(arch=arch, weights="random"))
+    gen = torch.Generator().manual_seed(1)
+    for name, p in enc.vit.named_parameters():
+        if "gamma" in name or "bias" in name or "reg_token" in name:
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return enc
+
+
+def timm_blocks(encoder, x):
+    """timm's own blocks and final norm over the encoder's input tokens."""
+    tokens, rope = encoder.tokens(x)
+    for blk in encoder.vit.blocks:
+        tokens = blk(tokens) if rope is None else blk(tokens, rope=rope)
+    return encoder.vit.norm(tokens)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_hand_run_last_block_matches_timm(arch):
+    """CLS, patch tokens and A_L^cls equal timm's forward (pins registers, LayerScale, RoPE, the prefix count)."""
+    enc = perturbed(arch)
+    p, npt = enc.patch_size, enc.n_prefix
+    assert npt == (5 if "reg4" in arch or "dinov3" in arch else 1)
+    x = torch.randn(2, 3, 6 * p, 9 * p)  # not the table's size: interpolated (DINO v1: DINO's rule, see below)
+    out = enc(x)
+    ref = timm_blocks(enc, x) if enc.dino_v1 else enc.vit.forward_features(x)
     assert out.grid == (6, 9) and out.patch.shape == (2, 6, 9, 48)
     assert torch.allclose(out.cls, ref[:, 0], atol=1e-5)
-    assert torch.allclose(out.patch.flatten(1, 2), ref[:, 1:], atol=1e-5)
-    assert torch.allclose(out.cls_attn, timm_last_attention(encoder.vit, x), atol=1e-6)
+    assert torch.allclose(out.patch.flatten(1, 2), ref[:, npt:], atol=1e-5)
+    if not enc.dino_v1:  # (DINO v1's timm forward interpolates differently; its row is pinned at 224 below)
+        assert torch.allclose(out.cls_attn, timm_last_attention(enc.vit, x), atol=1e-6)
     assert out.attn.shape == (2, 6, 9)
-    assert torch.allclose(out.attn.sum((1, 2)) + out.cls_attn[:, :, 0].mean(1), torch.ones(2), atol=1e-5)
-    with pytest.raises(ValueError, match="not divisible by the patch size 8"):
-        encoder(torch.randn(1, 3, 50, 48))
+    assert torch.allclose(out.attn.sum((1, 2)) + out.cls_attn[:, :, :npt].sum(2).mean(1), torch.ones(2), atol=1e-5)
+    with pytest.raises(ValueError, match=f"not divisible by the patch size {p}"):
+        enc(torch.randn(1, 3, 6 * p + 2, 6 * p))
+
+
+def test_dino_v1_at_224_is_timm_forward(encoder):
+    x = torch.randn(1, 3, 224, 224)
+    out, ref = encoder(x), encoder.vit.forward_features(x)
+    assert torch.allclose(out.cls, ref[:, 0], atol=1e-5) and torch.allclose(out.patch.flatten(1, 2), ref[:, 1:],
+                                                                           atol=1e-5)
+    assert torch.allclose(out.cls_attn, timm_last_attention(encoder.vit, x), atol=1e-6)
+
+
+def bicubic_1d(x, scale, out_len):
+    """Plain bicubic (Keys, a = -0.75, border-clamped) along dim 0: src = (i + 0.5)/scale - 0.5."""
+    def w(t):
+        t = abs(t)
+        return (1.25 * t - 2.25) * t * t + 1 if t <= 1 else ((-0.75 * t + 3.75) * t - 6) * t + 3 if t < 2 else 0.0
+    rows = []
+    for i in range(out_len):
+        src = (i + 0.5) / scale - 0.5
+        f = math.floor(src)
+        rows.append(sum(w(src - j) * x[min(max(j, 0), len(x) - 1)] for j in range(f - 1, f + 3)))
+    return torch.stack(rows)
+
+
+def test_dino_position_table_rule():
+    """DINO's rule on a 3 x 3 table to a 5 x 4 grid, recomputed independently; 224 (the table's grid) as is."""
+    torch.manual_seed(0)
+    table = torch.randn(1, 10, 2, dtype=torch.float64)
+    out = dino_pos_embed(table, (5, 4))
+    grid = table[0, 1:].reshape(3, 3, 2)
+    expect = bicubic_1d(bicubic_1d(grid, 5.1 / 3, 5).transpose(0, 1), 4.1 / 3, 4).transpose(0, 1)
+    assert out.shape == (1, 21, 2) and torch.equal(out[0, 0], table[0, 0])
+    assert torch.allclose(out[0, 1:].reshape(5, 4, 2), expect, atol=1e-12)
+    # hand-worked: table rows (0, 0, 3), 5 output rows: row 2 samples src = 2.5 / (5.1/3) - 0.5 = 0.970588; only
+    # input row 2 (distance 1.029412) is non-zero: 3 * (((-0.75 t + 3.75) t - 6) t + 3) = 3 * -0.020781
+    rows = torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64).repeat_interleave(3)
+    out = dino_pos_embed(torch.cat([torch.zeros(1), rows])[None, :, None], (5, 4))[0, 1:, 0].reshape(5, 4)
+    assert torch.allclose(out[2], torch.full((4,), -0.062343, dtype=torch.float64), atol=1e-5)
+    # the scale factor (not the output size) maps coordinates: size=(5, 4) gives other values
+    by_size = torch.nn.functional.interpolate(grid.permute(2, 0, 1)[None], size=(5, 4), mode="bicubic")
+    assert not torch.allclose(by_size[0].permute(1, 2, 0), expect, atol=1e-3)
+    table28 = torch.randn(1, 1 + 28 * 28, 4)
+    assert dino_pos_embed(table28, (28, 28)) is table28
 
 
 def test_encoder_is_frozen(encoder):
@@ -88,17 +160,19 @@ def test_fallback_is_explicit(tmp_path, caplog):
         resolve_encoder(EncoderConfig(arch="vit_small_patch8", weights=str(tmp_path / "missing.pth")))
 
 
-@pytest.mark.parametrize("kind,scale", [("dot", 1.0), ("cosine", 0.125)])
-def test_batched_gradcam_equals_k_backward_loop(encoder, kind, scale):
+@pytest.mark.parametrize("arch,kind,scale", [("vit_tiny_test", "dot", 1.0), ("vit_tiny_test", "cosine", 0.125),
+                                             *((a, "cosine", 0.125) for a in FAMILIES[1:])])
+def test_batched_gradcam_equals_k_backward_loop(arch, kind, scale):
+    encoder = perturbed(arch)
     torch.manual_seed(0)
-    images, concepts = torch.randn(3, 3, 32, 40), torch.randn(5, 48)
+    images, concepts = torch.randn(3, 3, 4 * encoder.patch_size, 5 * encoder.patch_size), torch.randn(5, 48)
     batched = attention_gradients(encoder(images, with_patch=False, attn_grad=True), concepts, kind, scale)
     loop = []
     for k in range(concepts.shape[0]):
         out = encoder(images, with_patch=False, attn_grad=True)
         loss = scale * (1 - concept_similarity(out.cls, concepts, kind)[:, k]).sum()
         (g,) = torch.autograd.grad(loss, out.cls_attn)
-        loop.append(g[..., 1:].mean(1).unflatten(1, out.grid))
+        loop.append(g[..., out.n_prefix:].mean(1).unflatten(1, out.grid))
     assert batched.shape == (3, 5, 4, 5)
     assert torch.allclose(batched, torch.stack(loop, dim=1), atol=1e-5)
     maps, attn = gradcam(encoder, images, concepts, PseudoLabelConfig(similarity=kind, loss_scale=scale))

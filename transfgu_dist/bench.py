@@ -559,7 +559,7 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
                 loss = cfg.loss_scale * (1 - concept_similarity(out.cls, concepts.to(out.cls.dtype), cfg.similarity))
                 grads = [torch.autograd.grad(loss[:, i].sum(), out.cls_attn, retain_graph=i < k - 1)[0]
                          for i in range(k)]
-                grad = torch.stack(grads, 1)[..., 1:].mean(2).unflatten(2, out.grid)
+                grad = torch.stack(grads, 1)[..., out.n_prefix:].mean(2).unflatten(2, out.grid)
                 response_maps(out.attn.detach(), grad, cfg)
 
         with PeakMemory() as mem:

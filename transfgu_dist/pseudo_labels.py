@@ -35,7 +35,7 @@ def attention_gradients(out: EncoderOutput, concepts: torch.Tensor, kind: str, l
     # Differentiated down to A itself under vmap, V was expanded K times: on CPU at K = 171 that made the batched
     # backward slower than a loop of K backwards, and Grad-CAM 1.5x slower than this GEMM (docs/performance.md).
     grad = g.squeeze(3).permute(1, 2, 0, 3) @ out.values.transpose(-2, -1)  # (B, heads, K, N)
-    return grad[..., 1:].mean(1).unflatten(2, out.grid)  # (B, K, h, w)
+    return grad[..., out.n_prefix:].mean(1).unflatten(2, out.grid)  # (B, K, h, w): patches after CLS + registers
 
 
 def top_mass_mask(x: torch.Tensor, mass: float) -> torch.Tensor:
