@@ -37,8 +37,9 @@ class DataConfig:
 @dataclass
 class EncoderConfig:
     """Frozen DINO ViT (paper sec 3.1, 4.2)."""
-    arch: str = "vit_small_patch8"       # vit_small_patch8 | vit_small_patch16 | vit_base_patch8 | vit_base_patch16 | vit_tiny_test
-    weights: str = "timm"                # "timm" (vit_*.dino from timm), a DINO .pth path or s3:// URI, or "random"
+    arch: str = "vit_small_patch8"       # DINO v1 vit_{small,base}_patch{8,16}, DINOv2 vit_{small,base}_patch14[_reg4]_dinov2,
+                                         # DINOv3 vit_{small,base}_patch16_dinov3 (encoder.ARCHS), or a *_tiny_test
+    weights: str = "timm"                # "timm" (timm's DINO/DINOv2/DINOv3 weights), an official .pth path or s3:// URI, or "random"
     random_fallback: bool = False        # demo only: fall back to random weights (loudly) when none can be loaded
 
 
@@ -311,6 +312,22 @@ def validate(cfg: Config) -> None:
                           f"(prior '{cfg.crops.prior}' yields no background crops)")
     if not cfg.train.round_epochs or min(cfg.train.round_epochs) < 1:
         raise ConfigError("key 'train.round_epochs' must list at least one round of >= 1 epoch")
+    _check_patch_sizes(cfg)
+
+
+def _check_patch_sizes(cfg: Config) -> None:
+    """Every size the encoder sees is a multiple of its patch (training crops are half of train.image_size)."""
+    from transfgu_dist.encoder import ARCHS  # torch/timm only when a config is validated
+
+    if cfg.encoder.arch not in ARCHS:
+        raise ConfigError(f"key 'encoder.arch' = {cfg.encoder.arch!r}: expected one of {', '.join(ARCHS)}")
+    p = ARCHS[cfg.encoder.arch][0]
+    for key, sizes, step in (("crops.image_size", cfg.crops.image_size, p), ("crops.crop_size", (cfg.crops.crop_size,), p),
+                             ("pseudo.image_size", cfg.pseudo.image_size, p), ("eval.image_size", cfg.eval.image_size, p),
+                             ("train.image_size", cfg.train.image_size, 2 * p)):
+        if any(s % step for s in sizes):
+            raise ConfigError(f"key '{key}' = {sizes if len(sizes) > 1 else sizes[0]}: expected multiples of {step} "
+                              f"(patch size {p} of encoder '{cfg.encoder.arch}')")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
