@@ -177,3 +177,37 @@ def test_batched_gradcam_equals_k_backward_loop(arch, kind, scale):
     assert torch.allclose(batched, torch.stack(loop, dim=1), atol=1e-5)
     maps, attn = gradcam(encoder, images, concepts, PseudoLabelConfig(similarity=kind, loss_scale=scale))
     assert maps.shape == (3, 5, 4, 5) and attn.shape == (3, 4, 5) and not maps.requires_grad
+
+
+def official_format(arch, state):
+    """A timm state dict written back in the official release's key format (the inverse of timm's filters)."""
+    state, d = dict(state), state["cls_token"].shape[-1]
+    out = {"mask_token": torch.zeros(1, d)}
+    if arch == "dinov2_reg4_tiny_test":  # official: pos_embed has a CLS row, cls_token excludes it
+        cls_pos = torch.randn(1, 1, d)
+        out.update(register_tokens=state.pop("reg_token"), cls_token=state.pop("cls_token") - cls_pos[:, 0],
+                   pos_embed=torch.cat([cls_pos, state.pop("pos_embed")], 1))
+    if arch == "dinov3_tiny_test":
+        out.update(storage_tokens=state.pop("reg_token"), **{"rope_embed.periods": torch.rand(6)})
+        for i in range(2):
+            out[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * d)
+            out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.ones(3 * d)
+        state = {k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"): v for k, v in state.items()}
+    return {**state, **out}
+
+
+@pytest.mark.parametrize("arch", FAMILIES[1:])
+def test_official_checkpoint_formats(tmp_path, arch):
+    src = perturbed(arch).vit.state_dict()
+    path = tmp_path / f"{arch}_pretrain.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in official_format(arch, src).items()}}, path)
+    loaded = build_encoder(EncoderConfig(arch=arch, weights=str(path))).vit.state_dict()
+    assert loaded.keys() == src.keys() and all(torch.allclose(loaded[k], v, atol=1e-6) for k, v in src.items())
+    broken = official_format(arch, src)
+    del broken["norm.weight"]
+    torch.save(broken, bad := tmp_path / "bad.pth")
+    with pytest.raises(EncoderLoadError, match=rf"bad\.pth: does not match encoder '{arch}'.*missing keys: norm\.weight"):
+        build_encoder(EncoderConfig(arch=arch, weights=str(bad)))
+    other = "dinov2_tiny_test" if "dinov3" in arch else "dinov3_tiny_test"  # the other family's file
+    with pytest.raises(EncoderLoadError, match=rf"{arch}_pretrain\.pth: does not match encoder '{other}'"):
+        build_encoder(EncoderConfig(arch=other, weights=str(path)))

@@ -8,6 +8,8 @@ DINO v1 weights interpolate their position table by DINO's own rule (`dino_pos_e
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 
@@ -205,7 +207,8 @@ def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
 
 
 def load_dino_weights(encoder: ViTEncoder, uri: str) -> None:
-    """Load an official DINO checkpoint (e.g. dino_deitsmall8_pretrain.pth) from a local path or s3:// URI."""
+    """Load an official checkpoint from a local path or s3:// URI: DINO (dino_deitsmall8_pretrain.pth), DINOv2
+    (dinov2_vits14[_reg4]_pretrain.pth) or DINOv3 (dinov3_vits16_pretrain_lvd1689m-*.pth), or a timm state dict."""
     if not storage.exists(uri):
         raise EncoderLoadError(f"{uri}: encoder checkpoint not found (expected a DINO .pth state dict for "
                                f"{encoder.arch})")
@@ -215,6 +218,8 @@ def load_dino_weights(encoder: ViTEncoder, uri: str) -> None:
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
             raise EncoderLoadError(f"{uri}: not a readable PyTorch checkpoint ({e})") from e
     state = _unwrap_state_dict(obj, uri)
+    if not encoder.dino_v1:
+        state = _official_to_timm(state, encoder, uri)
     expected = encoder.vit.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -228,6 +233,19 @@ def load_dino_weights(encoder: ViTEncoder, uri: str) -> None:
     encoder.vit.load_state_dict(state)
 
 
+def _official_to_timm(state: dict[str, torch.Tensor], encoder: ViTEncoder, uri: str) -> dict[str, torch.Tensor]:
+    """Official DINOv2 / DINOv3 keys (register_tokens, storage_tokens, ls1.gamma, qkv.bias, ...) to timm's, by
+    timm's own checkpoint filters; a timm-format state dict passes through unchanged."""
+    from timm.models import eva, vision_transformer
+
+    filt = vision_transformer if isinstance(encoder.vit, VisionTransformer) else eva
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # eva's filter prints each bias it skips
+            return filt.checkpoint_filter_fn(dict(state), encoder.vit)
+    except Exception as e:  # noqa: BLE001 - a foreign layout fails inside timm in many ways
+        raise EncoderLoadError(f"{uri}: not an official {encoder.arch} checkpoint ({type(e).__name__}: {e})") from e
+
+
 def _load_timm_dino(encoder: ViTEncoder) -> None:
     import timm
 
@@ -235,7 +253,7 @@ def _load_timm_dino(encoder: ViTEncoder) -> None:
     if tag is None:
         raise EncoderLoadError(f"encoder '{encoder.arch}' has no pretrained DINO weights in timm")
     try:
-        model = timm.create_model(tag, pretrained=True, num_classes=0)
+        model = timm.create_model(tag, pretrained=True, num_classes=0, dynamic_img_size=True)
     except Exception as e:  # noqa: BLE001 - offline hubs raise many different errors
         raise EncoderLoadError(f"timm weights '{tag}' could not be loaded ({type(e).__name__}: {e}); "
                                f"give encoder.weights a local or s3:// DINO checkpoint instead") from e
