@@ -52,6 +52,7 @@ class CropConfig:
     prior: str = "attention"                   # attention | none (Cityscapes) | all_fg (LIP)
     fg_min: float = 0.5
     bg_min: float = 0.8
+    window_rule: str = "reference"             # reference: (b+1)-token windows, (b+1)*p-1 px | paper: b tokens
     batch_size: int = 64                       # crops per encoder batch
     images_per_task: int = 4                   # images per Ray Data batch in the crop step
 
@@ -86,6 +87,9 @@ class DecoderConfig:
     n_heads: int = 6
     dropout: float = 0.1
     mask_head: str = "cosine_ln"        # scaled_dot: x'C^T/sqrt(d) (Eq. 2) | cosine_ln (reference)
+    block_eps: float = 1e-5             # LayerNorm eps in the blocks: reference 1e-5 | timm's Block default 1e-6
+    class_init: str = "orthogonal"      # orthogonal: (1, K, d) orthogonal_, each row norm ~1/sqrt(K) (reference)
+                                        # | trunc_normal: std 0.02
 
 
 @dataclass
@@ -117,6 +121,7 @@ class TrainConfig:
     use_gpu: bool | None = None                 # None: use GPUs when the cluster has them
     max_failures: int = 2
     data_fraction: float = 1.0                  # train on a random fraction of the bank (sweeps)
+    epoch_repeat: int = 1                       # passes over the training set per epoch (reference VOC/Cityscapes: 20)
     eval_every: int = 1                         # val mIoU every N epochs on rank 0 (0: never)
     seed: int = 2021
     per_batch_augment: bool = False             # reference: one photometric draw per batch
@@ -165,12 +170,14 @@ PROFILES: dict[str, dict[str, Any]] = {
     "paper": {
         "pseudo.similarity": "dot", "pseudo.response": "paper", "pseudo.loss_scale": 1.0, "pseudo.split_fg_bg": True,
         "decoder.mask_head": "scaled_dot", "loss.alpha_step": 0.0, "loss.diversity": "paper",
-        "loss.label_norm": "none",
+        "loss.label_norm": "none", "crops.window_rule": "paper", "decoder.block_eps": 1e-6,
+        "decoder.class_init": "trunc_normal",
     },
     "reference": {
         "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.split_fg_bg": False,
         "decoder.mask_head": "cosine_ln", "loss.alpha_step": 0.01, "loss.diversity": "reference",
-        "loss.label_norm": "minmax",
+        "loss.label_norm": "minmax", "crops.window_rule": "reference", "decoder.block_eps": 1e-5,
+        "decoder.class_init": "orthogonal",
     },
 }
 
@@ -183,23 +190,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "decoder.n_heads": 2, "train.batch_size": 16, "train.lr": 1e-3},
     "cocostuff27": {**_COCO, "data.n_classes": 27, "cluster.k_fg": 12, "cluster.k_bg": 15},
     "cocostuff171": {**_COCO, "data.n_classes": 171, "cluster.k_fg": 80, "cluster.k_bg": 91,
-                     "train.round_epochs": (3,) * 66 + (2,)},
+                     "train.round_epochs": (3,) * 10 + (2,) * 85},
     "coco80": {**_COCO, "data.n_classes": 81, "cluster.k_fg": 80, "cluster.k_bg": 0, "loss.background_channel": True,
-               "train.round_epochs": (3,) * 66 + (2,)},
+               "train.round_epochs": (3,) * 10 + (2,) * 85},
     "voc": {"data.layout": "voc", "data.n_classes": 21, "cluster.k_fg": 20, "cluster.k_bg": 0,
             "crops.betas": (0.6, 0.5, 0.4, 0.3), "loss.background_channel": True, "pseudo.loss_scale": 1 / 8,
-            "train.batch_size": 512, "train.round_epochs": (5,) * 4 + (4,) * 15 + (3,) * 5},
+            "train.batch_size": 512, "train.epoch_repeat": 20,
+            "train.round_epochs": (5,) * 8 + (4,) * 12 + (2,) + (3,) * 3 + (1,)},
     "cityscapes27": {"data.layout": "cityscapes", "data.n_classes": 27, "cluster.k_fg": 27, "cluster.k_bg": 0,
                      "crops.prior": "none", "crops.image_size": (640, 1280), "pseudo.image_size": (320, 640),
                      "train.image_size": (320, 640), "eval.image_size": (320, 640), "pseudo.loss_scale": 1 / 2,
-                     "train.lr": 5e-5, "train.batch_size": 256, "train.round_epochs": (1,) * 50},
+                     "train.lr": 5e-5, "train.batch_size": 256, "train.round_epochs": (1,) * 50,
+                     "train.epoch_repeat": 20},
     **{f"lip{k}": {"data.layout": "lip", "data.n_classes": k + 1, "cluster.k_fg": k, "cluster.k_bg": 0,
                    "crops.prior": "all_fg", "crops.image_size": (1280, 640), "pseudo.image_size": (640, 320),
                    "train.image_size": (480, 240) if k < 19 else (640, 320),
                    "eval.image_size": (480, 240) if k < 19 else (640, 320), "loss.background_channel": True,
                    "pseudo.loss_scale": 1 / 2, "train.lr": 1e-4 if k == 5 else 2e-5,
                    "train.batch_size": 512 if k < 19 else 256,
-                   "train.round_epochs": (2,) * 50 if k < 19 else (3,) * 33 + (1,)}
+                   "train.round_epochs": (2,) * 50 if k < 19 else (3,) * 10 + (2,) * 35}
        for k in (5, 16, 19)},
 }
 
@@ -299,7 +308,8 @@ def validate(cfg: Config) -> None:
     """Cross-field checks with messages that name the key."""
     choices = {"crops.prior": ("attention", "none", "all_fg"), "pseudo.similarity": ("dot", "cosine"),
                "pseudo.response": ("paper", "reference"), "decoder.mask_head": ("scaled_dot", "cosine_ln"),
-               "loss.diversity": ("paper", "reference"), "loss.label_norm": ("none", "minmax")}
+               "loss.diversity": ("paper", "reference"), "loss.label_norm": ("none", "minmax"),
+               "crops.window_rule": ("reference", "paper"), "decoder.class_init": ("orthogonal", "trunc_normal")}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -312,6 +322,8 @@ def validate(cfg: Config) -> None:
                           f"(prior '{cfg.crops.prior}' yields no background crops)")
     if not cfg.train.round_epochs or min(cfg.train.round_epochs) < 1:
         raise ConfigError("key 'train.round_epochs' must list at least one round of >= 1 epoch")
+    if cfg.train.epoch_repeat < 1:
+        raise ConfigError(f"key 'train.epoch_repeat' = {cfg.train.epoch_repeat}: expected an integer >= 1")
     _check_patch_sizes(cfg)
 
 

@@ -1,8 +1,9 @@
 """Sliding-window crops and the attention foreground prior (paper sec 3.2, 4.2; reference sec 2).
 
-Windows live on the ViT token grid as int rows ``(beta_index, top, left, side)``; the pixel box of
-a window is ``side * patch_size`` wide (the reference's boxes are one token larger, ``(b+1)*p - 1``
-pixels, an off-by-one we do not reproduce).
+Windows live on the ViT token grid as int rows ``(beta_index, top, left, side)``. Two rules
+(``crops.window_rule``): ``paper`` windows are b = int(beta*min(h, w)) tokens on a side, ``side * p``
+pixels; ``reference`` windows (the authors' ``bbox_anchors.py``) cover b+1 tokens, ``(b+1)*p - 1``
+pixels, so the last window of each row and column starts one token earlier (reference doc 2.2).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torchvision.ops import roi_align
 
 FG, BG, DROP = 1, 0, -1
 MODES = ("attention", "all_fg", "none")
+WINDOW_RULES = ("reference", "paper")
 
 
 def _starts(length: int, side: int, stride: int) -> np.ndarray:
@@ -23,18 +25,26 @@ def _starts(length: int, side: int, stride: int) -> np.ndarray:
     return starts if starts[-1] == length - side else np.append(starts, length - side)
 
 
-def sliding_windows(grid_h: int, grid_w: int, betas: Sequence[float]) -> np.ndarray:
-    """Square windows of side beta*min(h, w) and stride side/2 for every beta (sec 4.2).
+def _check_rule(rule: str) -> None:
+    if rule not in WINDOW_RULES:
+        raise ValueError(f"unknown crops.window_rule {rule!r}; expected one of {WINDOW_RULES}")
 
-    Returns (n, 4) int64 rows (beta_index, top, left, side) in token units, ordered by beta, then
-    top, then left; 142 windows for an 80x80 grid and betas (0.5, 0.4, 0.3, 0.2).
+
+def sliding_windows(grid_h: int, grid_w: int, betas: Sequence[float], rule: str = "paper") -> np.ndarray:
+    """Square windows of b = int(beta*min(h, w)) tokens and stride b/2 for every beta (sec 4.2).
+
+    ``rule="reference"`` makes each window b+1 tokens wide (same stride). Returns (n, 4) int64 rows
+    (beta_index, top, left, side) in token units, ordered by beta, then top, then left; 142 windows
+    for an 80x80 grid and betas (0.5, 0.4, 0.3, 0.2) under either rule.
     """
+    _check_rule(rule)
     rows = []
     for i, beta in enumerate(betas):
         if not 0 < beta <= 1:
             raise ValueError(f"window scale beta must lie in (0, 1], got {beta}")
-        side = max(1, int(beta * min(grid_h, grid_w)))
-        stride = max(1, side // 2)
+        b = max(1, int(beta * min(grid_h, grid_w)))
+        stride = max(1, b // 2)
+        side = min(b + 1, grid_h, grid_w) if rule == "reference" else b
         top, left = np.meshgrid(_starts(grid_h, side, stride), _starts(grid_w, side, stride), indexing="ij")
         rows.append(np.stack([np.full(top.size, i), top.ravel(), left.ravel(), np.full(top.size, side)], 1))
     return np.concatenate(rows).astype(np.int64)
@@ -84,10 +94,17 @@ def classify_windows(
     return kinds
 
 
-def windows_to_boxes(windows: np.ndarray, patch_size: int) -> np.ndarray:
-    """Token windows -> (n, 4) pixel boxes [x1, y1, x2, y2] (exclusive far edge)."""
+def windows_to_boxes(windows: np.ndarray, patch_size: int, rule: str = "paper") -> np.ndarray:
+    """Token windows -> (n, 4) pixel boxes [x1, y1, x2, y2] (exclusive far edge).
+
+    ``reference`` boxes end one pixel short of the window's last token ((b+1)*p - 1 px on a side).
+    """
+    _check_rule(rule)
     _, top, left, side = np.asarray(windows).T
-    return np.stack([left, top, left + side, top + side], 1) * patch_size
+    boxes = np.stack([left, top, left + side, top + side], 1) * patch_size
+    if rule == "reference":
+        boxes[:, 2:] -= 1
+    return boxes
 
 
 def cut_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int | tuple[int, int]) -> torch.Tensor:

@@ -7,6 +7,7 @@ cosine similarity followed by a LayerNorm over the classes (`cosine_ln`).
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ class MaskTransformer(nn.Module):
         self.proj_dec = nn.Linear(dim, dim)
         self.cls_emb = nn.Parameter(torch.zeros(1, n_classes, dim))
         self.blocks = nn.ModuleList(Block(dim, cfg.n_heads, qkv_bias=False, proj_drop=cfg.dropout,
-                                          attn_drop=cfg.dropout) for _ in range(cfg.n_layers))
+                                          attn_drop=cfg.dropout, norm_layer=partial(nn.LayerNorm, eps=cfg.block_eps))
+                                    for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(dim)
         self.proj_patch = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
         self.proj_classes = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
@@ -41,7 +43,10 @@ class MaskTransformer(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        trunc_normal_(self.cls_emb, std=0.02)
+        if cfg.class_init == "orthogonal":  # reference: one unit vector of length K*d, rows of norm ~1/sqrt(K)
+            nn.init.orthogonal_(self.cls_emb)
+        else:
+            trunc_normal_(self.cls_emb, std=0.02)
 
     def forward(self, patch: torch.Tensor) -> DecoderOutput:
         """patch: encoder patch tokens x^patch (B, h, w, D)."""

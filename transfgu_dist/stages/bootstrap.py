@@ -70,6 +70,8 @@ def training_dataset(cfg: Config) -> ray.data.Dataset:
     ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs)
     if cfg.train.data_fraction < 1:
         ds = ds.random_sample(cfg.train.data_fraction, seed=cfg.train.seed)
+    if cfg.train.epoch_repeat > 1:  # reference: VOC and Cityscapes see their training set 20 times per epoch
+        ds = ds.union(*[ds] * (cfg.train.epoch_repeat - 1))
     return ds.map_batches(bank_rows, fn_kwargs={"cfg": cfg}, batch_size=cfg.train.batch_size, num_cpus=1)
 
 

@@ -33,8 +33,8 @@ class CropEncoder:
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         p = self.encoder.patch_size
         h, w = (s // p for s in cfg.crops.image_size)
-        self.windows = sliding_windows(h, w, cfg.crops.betas)
-        self.boxes = torch.as_tensor(windows_to_boxes(self.windows, p), dtype=torch.float32)
+        self.windows = sliding_windows(h, w, cfg.crops.betas, cfg.crops.window_rule)
+        self.boxes = torch.as_tensor(windows_to_boxes(self.windows, p, cfg.crops.window_rule), dtype=torch.float32)
         self.betas = np.asarray(cfg.crops.betas, np.float32)[self.windows[:, 0]]
 
     @torch.no_grad()

@@ -1,0 +1,107 @@
+"""Fidelity points of issue 11 pinned by the figures measured against the authors' code."""
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from transfgu_dist.config import DecoderConfig, load_config
+from transfgu_dist.crops import sliding_windows, windows_to_boxes
+from transfgu_dist.decoder import MaskTransformer
+
+STARTS_640 = {0.5: [0, 160, 312], 0.4: [0, 128, 256, 376], 0.3: [0, 96, 192, 288, 384, 440],
+              0.2: [0, 64, 128, 192, 256, 320, 384, 448, 504]}
+SIDES_640 = {0.5: 327, 0.4: 263, 0.3: 199, 0.2: 135}
+
+
+def _pixel_starts(boxes, windows, i, col):
+    return sorted(set(boxes[windows[:, 0] == i, col].tolist()))
+
+
+def test_reference_windows_640_square():
+    betas = (0.5, 0.4, 0.3, 0.2)
+    win = sliding_windows(80, 80, betas, "reference")
+    boxes = windows_to_boxes(win, 8, "reference")
+    assert len(win) == len(sliding_windows(80, 80, betas, "paper")) == 142
+    for i, beta in enumerate(betas):
+        sel = boxes[win[:, 0] == i]
+        assert set((sel[:, 2] - sel[:, 0]).tolist()) == set((sel[:, 3] - sel[:, 1]).tolist()) == {SIDES_640[beta]}
+        assert _pixel_starts(boxes, win, i, 0) == _pixel_starts(boxes, win, i, 1) == STARTS_640[beta]
+    assert boxes[:, 2:].max() == 639  # last window ends on the last pixel (exclusive 639 = (b+1)*8-1 past 312)
+
+
+def test_paper_windows_640_unchanged():
+    win = sliding_windows(80, 80, (0.5,), "paper")
+    boxes = windows_to_boxes(win, 8, "paper")
+    assert _pixel_starts(boxes, win, 0, 0) == [0, 160, 320] and set(boxes[:, 2] - boxes[:, 0]) == {320}
+
+
+def test_reference_windows_non_square():
+    # 640 x 1280 (Cityscapes), beta 0.5: b = 40 tokens, 41-token windows, rows 0, 20, 39, columns 0..100 by 20, 119
+    win = sliding_windows(80, 160, (0.5,), "reference")
+    boxes = windows_to_boxes(win, 8, "reference")
+    assert _pixel_starts(boxes, win, 0, 1) == [0, 160, 312]
+    assert _pixel_starts(boxes, win, 0, 0) == [0, 160, 320, 480, 640, 800, 952]
+    assert len(win) == 21 and boxes[:, 2].max() == 1279 and set(boxes[:, 2] - boxes[:, 0]) == {327}
+
+
+def test_unknown_window_rule_named():
+    with pytest.raises(ValueError, match="crops.window_rule"):
+        sliding_windows(8, 8, (0.5,), "exact")
+
+
+def _decoder(k, eps, init="orthogonal", seed=0):
+    torch.manual_seed(seed)
+    return MaskTransformer(16, k, DecoderConfig(n_heads=2, dropout=0.0, block_eps=eps, class_init=init)).eval()
+
+
+def test_block_eps_reaches_every_block_norm():
+    dec = _decoder(5, 1e-5)
+    eps = {m.eps for b in dec.blocks for m in (b.norm1, b.norm2)}
+    assert eps == {1e-5}
+    assert {m.eps for b in _decoder(5, 1e-6).blocks for m in (b.norm1, b.norm2)} == {1e-6}
+
+
+@pytest.mark.parametrize("k", [27, 171])
+def test_orthogonal_class_init_norm(k):
+    emb = _decoder(k, 1e-5).cls_emb.detach()
+    # orthogonal_ on a (1, K, d) tensor: a single unit vector of length K*d, so rows have norm ~ 1/sqrt(K)
+    assert emb.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert emb.norm(dim=-1).mean().item() == pytest.approx(1 / math.sqrt(k), rel=0.15)
+    assert _decoder(k, 1e-5, "trunc_normal").cls_emb.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_eps_changes_logits_with_small_class_embeddings():
+    a, b = _decoder(27, 1e-5), _decoder(27, 1e-6)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 4, 16)
+    la, lb = a(x).logits, b(x).logits
+    assert not torch.equal(la, lb)
+    b2 = _decoder(27, 1e-5, seed=1)
+    b2.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b2(x).logits, la)
+
+
+def _cfg(preset, profile="reference"):
+    return load_config(preset=preset, profile=profile)
+
+
+def test_schedules_follow_reference():
+    for preset in ("cocostuff171", "coco80"):
+        assert _cfg(preset).train.round_epochs == (3,) * 10 + (2,) * 85
+    voc = _cfg("voc").train.round_epochs
+    assert voc == (5,) * 8 + (4,) * 12 + (2,) + (3,) * 3 + (1,) and sum(voc) == 100
+    assert _cfg("lip19").train.round_epochs == (3,) * 10 + (2,) * 35
+    assert _cfg("cocostuff27").train.round_epochs == (2,) * 100
+
+
+def test_epoch_repeat_per_preset():
+    assert {p: _cfg(p).train.epoch_repeat for p in ("voc", "cityscapes27", "cocostuff27", "lip5", "synthetic")} == \
+        {"voc": 20, "cityscapes27": 20, "cocostuff27": 1, "lip5": 1, "synthetic": 1}
+
+
+def test_profiles_set_window_rule_and_decoder():
+    ref, paper = _cfg("synthetic"), _cfg("synthetic", "paper")
+    assert (ref.crops.window_rule, ref.decoder.block_eps, ref.decoder.class_init) == ("reference", 1e-5, "orthogonal")
+    assert (paper.crops.window_rule, paper.decoder.block_eps, paper.decoder.class_init) == ("paper", 1e-6, "trunc_normal")
