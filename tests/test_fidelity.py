@@ -105,3 +105,33 @@ def test_profiles_set_window_rule_and_decoder():
     ref, paper = _cfg("synthetic"), _cfg("synthetic", "paper")
     assert (ref.crops.window_rule, ref.decoder.block_eps, ref.decoder.class_init) == ("reference", 1e-5, "orthogonal")
     assert (paper.crops.window_rule, paper.decoder.block_eps, paper.decoder.class_init) == ("paper", 1e-6, "trunc_normal")
+
+
+def test_best_checkpoint_score():
+    from transfgu_dist.stages.bootstrap import selection_score
+    m = {"val/miou": 0.25, "val/pixel_accuracy": 0.5}
+    assert selection_score(m, "miou_plus_acc") == 0.75 and selection_score(m, "miou") == 0.25
+    # epoch A (mIoU 0.30, acc 0.40) loses to epoch B (0.28, 0.50) under the reference rule only
+    a, b = {"val/miou": 0.30, "val/pixel_accuracy": 0.40}, {"val/miou": 0.28, "val/pixel_accuracy": 0.50}
+    assert selection_score(b, "miou_plus_acc") > selection_score(a, "miou_plus_acc")
+    assert selection_score(b, "miou") < selection_score(a, "miou")
+
+
+@pytest.mark.parametrize("skip,sign,stepped", [(True, -1.0, False), (True, 0.0, False), (True, 1.0, True),
+                                                (False, -1.0, True)])
+def test_optimizer_step_skipped_for_nonpositive_loss(skip, sign, stepped):
+    from transfgu_dist.stages.bootstrap import optimizer_step
+    cfg = load_config(preset="synthetic")
+    cfg.train.skip_nonpositive_loss = skip
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    loss = sign * model(torch.ones(1, 2)).sum().abs() if sign else model.weight.sum() * 0.0
+    assert optimizer_step(opt, model, loss, cfg) is stepped
+    assert torch.equal(model.weight, before) is (not stepped or sign == 0.0)
+
+
+def test_reference_profile_training_details():
+    ref, paper = _cfg("synthetic").train, _cfg("synthetic", "paper").train
+    assert (ref.best_by, ref.skip_nonpositive_loss, ref.per_batch_augment) == ("miou_plus_acc", True, True)
+    assert (paper.best_by, paper.skip_nonpositive_loss, paper.per_batch_augment) == ("miou", False, False)

@@ -125,6 +125,8 @@ class TrainConfig:
     eval_every: int = 1                         # val mIoU every N epochs on rank 0 (0: never)
     seed: int = 2021
     per_batch_augment: bool = False             # reference: one photometric draw per batch
+    best_by: str = "miou_plus_acc"              # best.pt maximises: miou_plus_acc (reference) | miou
+    skip_nonpositive_loss: bool = True          # reference: no optimizer step when the total loss is <= 0
 
 
 @dataclass
@@ -171,13 +173,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pseudo.similarity": "dot", "pseudo.response": "paper", "pseudo.loss_scale": 1.0, "pseudo.split_fg_bg": True,
         "decoder.mask_head": "scaled_dot", "loss.alpha_step": 0.0, "loss.diversity": "paper",
         "loss.label_norm": "none", "crops.window_rule": "paper", "decoder.block_eps": 1e-6,
-        "decoder.class_init": "trunc_normal",
+        "decoder.class_init": "trunc_normal", "train.best_by": "miou", "train.skip_nonpositive_loss": False,
+        "train.per_batch_augment": False,
     },
     "reference": {
         "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.split_fg_bg": False,
         "decoder.mask_head": "cosine_ln", "loss.alpha_step": 0.01, "loss.diversity": "reference",
         "loss.label_norm": "minmax", "crops.window_rule": "reference", "decoder.block_eps": 1e-5,
-        "decoder.class_init": "orthogonal",
+        "decoder.class_init": "orthogonal", "train.best_by": "miou_plus_acc", "train.skip_nonpositive_loss": True,
+        "train.per_batch_augment": True,
     },
 }
 
@@ -309,7 +313,8 @@ def validate(cfg: Config) -> None:
     choices = {"crops.prior": ("attention", "none", "all_fg"), "pseudo.similarity": ("dot", "cosine"),
                "pseudo.response": ("paper", "reference"), "decoder.mask_head": ("scaled_dot", "cosine_ln"),
                "loss.diversity": ("paper", "reference"), "loss.label_norm": ("none", "minmax"),
-               "crops.window_rule": ("reference", "paper"), "decoder.class_init": ("orthogonal", "trunc_normal")}
+               "crops.window_rule": ("reference", "paper"), "decoder.class_init": ("orthogonal", "trunc_normal"),
+               "train.best_by": ("miou_plus_acc", "miou")}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

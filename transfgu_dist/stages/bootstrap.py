@@ -165,11 +165,24 @@ class Bootstrapper:
         terms = total_loss(peer, diversity_loss(out.class_emb, cfg.loss.diversity),
                            uncertainty_loss(out.logits, valid, skip_channel0=cfg.loss.background_channel),
                            cfg.loss.omega1, cfg.loss.omega2)                              # Eqs 14-16
-        self.optimizer.zero_grad(set_to_none=True)
-        terms.total.backward()
-        nn.utils.clip_grad_value_(self.student.parameters(), cfg.train.grad_clip)
-        self.optimizer.step()
+        optimizer_step(self.optimizer, self.student, terms.total, cfg)
         return terms.as_floats()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor, cfg: Config) -> bool:
+    """Backward, gradient value clamp and step; with train.skip_nonpositive_loss (reference) none when loss <= 0."""
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.train.skip_nonpositive_loss and loss.item() <= 0:
+        return False
+    loss.backward()
+    nn.utils.clip_grad_value_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return True
+
+
+def selection_score(metrics: dict[str, float], best_by: str) -> float:
+    """Score the best checkpoint maximises: val mIoU, or (reference) mIoU + pixel accuracy."""
+    return metrics["val/miou"] + (metrics["val/pixel_accuracy"] if best_by == "miou_plus_acc" else 0.0)
 
 
 def _maybe_fail(epoch: int) -> None:
@@ -216,7 +229,7 @@ def train_loop(config: dict[str, Any]) -> None:
         round_, epoch = state["round"], state["epoch"] + 1
         best = state["best"]
     else:
-        best = {"val/miou": -1.0}
+        best = {"val/score": -1.0}
     shard = ray.train.get_dataset_shard("train")
     epochs = cfg.train.round_epochs
     global_epoch = sum(epochs[:round_]) + epoch
@@ -243,10 +256,11 @@ def train_loop(config: dict[str, Any]) -> None:
                        resumed_at=resumed_at)
         if rank0 and cfg.train.eval_every and (global_epoch + 1) % cfg.train.eval_every == 0:
             metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
-            if metrics["val/miou"] > best["val/miou"]:  # reference protocol: best epoch on val, kept apart
-                best = {"val/miou": metrics["val/miou"], "global_epoch": global_epoch, "round": round_,
-                        "decoder": copy.deepcopy(boot.student.state_dict())}
-            metrics.update({f"best/{k}": best[k] for k in ("val/miou", "global_epoch") if k in best})
+            score = selection_score(metrics, cfg.train.best_by)
+            if score > best["val/score"]:  # reference protocol: best epoch on val, kept apart
+                best = {"val/score": score, "val/miou": metrics["val/miou"], "global_epoch": global_epoch,
+                        "round": round_, "decoder": copy.deepcopy(boot.student.state_dict())}
+            metrics.update({f"best/{k}": best[k] for k in ("val/score", "val/miou", "global_epoch") if k in best})
         if rank0 and mlflow_run:
             log_epoch(*mlflow_run, metrics, step=global_epoch)
         with tempfile.TemporaryDirectory() as d:
