@@ -46,7 +46,7 @@ def test_end_to_end_outputs(run_dir):
     assert (run_dir / "features" / "_SUCCESS.json").exists()
     schema = pq.read_schema(parquet_files(run_dir / "features")[0])
     assert schema.names == ["image_id", "beta", "box", "fg_fraction", "is_fg", "feature"]
-    assert schema.field("feature").type == pa.list_(pa.float16(), d)
+    assert schema.field("feature").type == pa.list_(pa.float32(), d)  # crops.feature_dtype: float32 by default
     assert features.num_rows > 0 and set(features.column("image_id").to_pylist()) <= {f"{i:06d}" for i in range(12)}
     assert set(np.unique(features.column("beta").to_numpy())) <= set(np.float32(cfg.crops.betas))
     # cluster: K concepts of width d, foreground first

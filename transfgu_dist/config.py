@@ -52,6 +52,7 @@ class CropConfig:
     prior: str = "attention"                   # attention | none (Cityscapes) | all_fg (LIP)
     fg_min: float = 0.5
     bg_min: float = 0.8
+    feature_dtype: str = "float32"             # stored CLS features: float32 (reference) | float16 (half the size)
     window_rule: str = "reference"             # reference: (b+1)-token windows, (b+1)*p-1 px | paper: b tokens
     batch_size: int = 64                       # crops per encoder batch
     images_per_task: int = 4                   # images per Ray Data batch in the crop step
@@ -314,7 +315,8 @@ def validate(cfg: Config) -> None:
                "pseudo.response": ("paper", "reference"), "decoder.mask_head": ("scaled_dot", "cosine_ln"),
                "loss.diversity": ("paper", "reference"), "loss.label_norm": ("none", "minmax"),
                "crops.window_rule": ("reference", "paper"), "decoder.class_init": ("orthogonal", "trunc_normal"),
-               "train.best_by": ("miou_plus_acc", "miou")}
+               "train.best_by": ("miou_plus_acc", "miou"),
+               "crops.feature_dtype": ("float32", "float16")}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -1,7 +1,7 @@
 """Stage 1, extract: sliding-window crops with the foreground prior, encoded by the frozen ViT (Eq. 3, sec 4.2).
 
 Writes one Parquet row per kept crop: image_id, beta, box (x1, y1, x2, y2 in resized-image pixels),
-fg_fraction, is_fg, feature (CLS token, float16 fixed-size list). Crops are cut on the encoder's device
+fg_fraction, is_fg, feature (CLS token, fixed-size list of crops.feature_dtype). Crops are cut on the encoder's device
 (one RoI-Align per batch) from the resized image: shipping the crops themselves would move ~35x the bytes.
 """
 from __future__ import annotations
@@ -56,11 +56,12 @@ class CropEncoder:
             rows.append((np.full(len(keep), image_id), keep, frac, kinds[keep] == FG))
             boxes.append(torch.cat([torch.full((len(keep), 1), float(i)), self.boxes[keep]], dim=1))
         boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 5)
-        features = [np.zeros((0, self.encoder.dim), np.float16)]
+        dtype = getattr(torch, self.cfg.crops.feature_dtype)
+        features = [np.zeros((0, self.encoder.dim), self.cfg.crops.feature_dtype)]
         for chunk in boxes_t.to(self.dev).split(crops_cfg.batch_size) if len(boxes_t) else ():  # () if all bad
             crops = cut_crops(images, chunk, crops_cfg.crop_size)
             with autocast(self.dev):
-                features.append(self.encoder(crops, with_patch=False).cls.to(torch.float16).cpu().numpy())
+                features.append(self.encoder(crops, with_patch=False).cls.to(dtype).cpu().numpy())
         keep = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, int)
         table = pa.table({
             "image_id": pa.array(np.concatenate([r[0] for r in rows]) if rows else [], pa.string()),
@@ -68,7 +69,7 @@ class CropEncoder:
             "box": parts.fixed_list(self.boxes[keep].numpy().astype(np.int32), pa.int32()),
             "fg_fraction": pa.array(np.concatenate([r[2] for r in rows]) if rows else [], pa.float32()),
             "is_fg": pa.array(np.concatenate([r[3] for r in rows]) if rows else [], pa.bool_()),
-            "feature": parts.fixed_list(np.concatenate(features), pa.float16()),
+            "feature": parts.fixed_list(np.concatenate(features), pa.from_numpy_dtype(features[0].dtype)),
         })
         bad = [str(i) for i in batch["image_id"][~ok]]
         name = parts.write_part(self.out, table, ids, bad)
