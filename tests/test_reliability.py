@@ -37,14 +37,14 @@ def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
              "uri": np.array([str(good), str(tmp_path / "garbled.png"), str(tmp_path / "deleted.png")]),
              "grid": np.array([[h, w]] * 3), "maps": np.array(maps + [None], dtype=object)[:3],
              "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3]}
-    cfg = load_config(overrides=["train.image_size=[8, 8]"])
+    cfg = load_config(overrides=["train.image_size=[16, 16]"])
     rows = bank_rows(batch, cfg)
-    assert rows["image"].shape == (1, 8, 8, 3) and rows["image"].min() == 200
+    assert rows["image"].shape == (1, 16, 16, 3) and rows["image"].min() == 200
     assert rows["maps"].shape == (1, K, h, w) and (rows["maps"] == 0).all()  # the good row's maps
     assert rows["fg_prior"].shape == (1, h, w)
     assert "dropped 2 unreadable images of 3" in caplog.text and "garbled, deleted" in caplog.text
     none = bank_rows({k: v[1:] for k, v in batch.items()}, cfg)
-    assert none["image"].shape == (0, 8, 8, 3) and none["maps"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
+    assert none["image"].shape == (0, 16, 16, 3) and none["maps"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
 
 
 def test_single_stage_job_keeps_other_stages_recorded_settings(tmp_path):
