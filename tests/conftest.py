@@ -101,6 +101,7 @@ def root(request, tmp_path):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["encoder.arch=vit_tiny_test", "encoder.weights=random", "data.synthetic_train=12", "data.synthetic_val=6",
          "data.synthetic_size=64", "crops.image_size=[64, 64]", "crops.crop_size=32", "crops.images_per_task=3",
+         "crops.images_per_part=6", "pseudo.images_per_part=6",
          "pseudo.image_size=[64, 64]", "train.image_size=[64, 64]", "eval.image_size=[64, 64]",
          "train.round_epochs=[1, 1]", "train.batch_size=6", "pseudo.batch_size=4"]
 

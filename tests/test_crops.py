@@ -97,3 +97,22 @@ def test_cut_crops_of_horizontal_ramp():
     # whole width into 4 bins of width 4, each averaging 4 samples: centres 2, 6, 10, 14 -> 1.5, ...
     assert torch.equal(crops[2], torch.tensor([1.5, 5.5, 9.5, 13.5]).expand(3, 4, 4))
     assert cut_crops(images, boxes, (2, 4)).shape == (3, 3, 2, 4)
+
+
+def test_batched_window_classification_equals_per_image():
+    """classify_windows_batch / fg_fraction_batch on a batch == classify_windows / fg_fraction image by image."""
+    from transfgu_dist.crops import classify_windows_batch, fg_fraction_batch
+
+    fg = torch.rand(5, 10, 12, generator=torch.Generator().manual_seed(0)) > 0.5
+    fg[0] = True
+    fg[1] = False
+    windows = sliding_windows(10, 12, (0.5, 0.4, 0.3, 0.2))
+    kinds = classify_windows_batch(fg, windows, "attention", 0.5, 0.8)
+    frac = fg_fraction_batch(fg, windows)
+    for i in range(len(fg)):
+        assert np.array_equal(kinds[i].numpy(), classify_windows(fg[i], windows, "attention", 0.5, 0.8))
+        assert np.allclose(frac[i].numpy(), fg_fraction(fg[i], windows))
+    brute = [[fg[i, t:t + b, x:x + b].float().mean().item() for _, t, x, b in windows] for i in range(len(fg))]
+    assert np.allclose(frac.numpy(), brute)  # the summed-area table against slicing every window
+    assert (kinds[0] == FG).all() and (kinds[1] == BG).all()
+    assert classify_windows_batch(None, windows, "none", images=3).shape == (3, len(windows))

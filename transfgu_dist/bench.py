@@ -446,7 +446,8 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
 
     overrides = [f"encoder.arch={size.arch}", f"crops.image_size=[{size.image_size}, {size.image_size}]",
                  f"crops.crop_size={size.crop_size}", f"crops.batch_size={size.batch_size}",
-                 f"crops.images_per_task={size.images_per_task}", f"data.synthetic_train={size.images}",
+                 f"crops.images_per_task={size.images_per_task}", f"crops.images_per_part={size.images_per_task}",
+                 f"data.synthetic_train={size.images}",
                  f"data.limit={size.images}"]
     _write_images(workdir / "data", size.images, size.image_size)
     # warm-up: one part, so the timed run finds Ray's worker processes started and torch imported

@@ -26,7 +26,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 
 
 # Settings that change how fast a stage runs, not what it writes.
-RESOURCE_KEYS = {"crops.batch_size", "crops.images_per_task", "pseudo.batch_size", "train.num_workers",
+RESOURCE_KEYS = {"crops.batch_size", "crops.images_per_task", "crops.images_per_part", "pseudo.batch_size",
+                 "pseudo.images_per_part", "train.num_workers",
                  "train.cpus_per_worker", "train.use_gpu", "train.max_failures", "eval.batch_size"}
 
 

@@ -55,7 +55,10 @@ class CropConfig:
     feature_dtype: str = "float32"             # stored CLS features: float32 (reference) | float16 (half the size)
     window_rule: str = "reference"             # reference: (b+1)-token windows, (b+1)*p-1 px | paper: b tokens
     batch_size: int = 64                       # crops per encoder batch
-    images_per_task: int = 4                   # images per Ray Data batch in the crop step
+    images_per_task: int = 4                   # images per Ray Data read/decode task
+    # images per Parquet part (one actor call): ~100 kept crops x ~0.8 KB (384 fp16 + box) = ~80 KB an image at
+    # 640 px, so 256 images make a ~20 MB part and COCO's 117k images ~460 parts (docs/performance.md)
+    images_per_part: int = 256
 
 
 @dataclass
@@ -78,7 +81,8 @@ class PseudoLabelConfig:
     loss_scale: float = 1.0             # reference: 1/N of its Grad-CAM batch (batch-mean loss), e.g. 0.125
     top_mass: float = 0.8               # reference: keep the gradient on its top 80% mass
     split_fg_bg: bool = False           # paper sec 4.2: fg pixels get no bg concepts and vice versa
-    batch_size: int = 8
+    batch_size: int = 8                 # images per Grad-CAM batch
+    images_per_part: int = 256          # images per bank part: 27 x 40 x 40 fp16 maps = 86 KB an image, ~22 MB a part
 
 
 @dataclass

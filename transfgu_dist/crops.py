@@ -55,19 +55,25 @@ def foreground_prior(attn: torch.Tensor) -> torch.Tensor:
     return attn > attn.mean(dim=(-2, -1), keepdim=True)
 
 
-def _fg_counts(fg: torch.Tensor, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground token count and area of every window, from one summed-area table."""
-    sat = np.pad(fg.cpu().numpy().astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    _, top, left, side = np.asarray(windows).T
+def fg_counts(fg: torch.Tensor, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground token count (B, n) and area (n,) of every window of a (B, h, w) bool batch, from one batched
+    summed-area table on fg's device."""
+    sat = torch.nn.functional.pad(fg.to(torch.int32).cumsum(-2).cumsum(-1), (1, 0, 1, 0))
+    _, top, left, side = torch.as_tensor(np.asarray(windows), device=fg.device).T
     bottom, right = top + side, left + side
-    count = sat[bottom, right] - sat[top, right] - sat[bottom, left] + sat[top, left]
+    count = sat[:, bottom, right] - sat[:, top, right] - sat[:, bottom, left] + sat[:, top, left]
     return count, side * side
 
 
 def fg_fraction(fg: torch.Tensor, windows: np.ndarray) -> np.ndarray:
     """Fraction of foreground tokens inside each window; fg is an (h, w) bool mask."""
-    count, area = _fg_counts(fg, windows)
-    return count / area
+    return fg_fraction_batch(fg[None], windows)[0].cpu().numpy()
+
+
+def fg_fraction_batch(fg: torch.Tensor, windows: np.ndarray) -> torch.Tensor:
+    """(B, n) float32 foreground fraction of every window of every image of a (B, h, w) batch."""
+    count, area = fg_counts(fg, windows)
+    return (count.double() / area).float()
 
 
 def classify_windows(
@@ -83,12 +89,21 @@ def classify_windows(
     fraction exceeds bg_min, else DROP. "all_fg" (LIP) and "none" (Cityscapes, one pool): all FG;
     fg is only read in "attention" mode.
     """
+    batch = None if fg is None else torch.as_tensor(fg)[None]
+    return classify_windows_batch(batch, windows, mode, fg_min, bg_min, images=1)[0].cpu().numpy()
+
+
+def classify_windows_batch(fg: torch.Tensor | None, windows: np.ndarray, mode: str, fg_min: float = 0.5,
+                           bg_min: float = 0.8, images: int | None = None) -> torch.Tensor:
+    """classify_windows for a (B, h, w) batch at once: (B, n) int8 on fg's device (`images` = B when fg is None)."""
     if mode not in MODES:
         raise ValueError(f"unknown crop mode {mode!r}; expected one of {MODES}")
     if mode != "attention":
-        return np.full(len(windows), FG, np.int8)
-    count, area = _fg_counts(fg, windows)
-    kinds = np.full(len(windows), DROP, np.int8)
+        return torch.full((len(fg) if fg is not None else images, len(windows)), FG, dtype=torch.int8,
+                          device=None if fg is None else fg.device)
+    count, area = fg_counts(fg, windows)
+    count, area = count.double(), area.double()  # float64 as the thresholds: no float32 ties at fg_min / bg_min
+    kinds = torch.full(count.shape, DROP, dtype=torch.int8, device=fg.device)
     kinds[(area - count) / area > bg_min] = BG
     kinds[count / area > fg_min] = FG
     return kinds

@@ -15,7 +15,7 @@ Atomicity
     :func:`write_bytes` is atomic on both backends (rename on local disk; an S3 object only
     becomes visible once its PUT / multipart upload completes).  :class:`StageOutput` adds a
     commit protocol for whole stage directories: parts are staged under ``<dir>/_tmp/<uuid>/``
-    and moved to their final name, then ``<dir>/_SUCCESS.json`` is written last.  Readers trust a
+    and renamed to their final name (on S3: one PUT of the final name), then ``<dir>/_SUCCESS.json`` is written last.  Readers trust a
     stage only once ``_SUCCESS.json`` exists.
 
 Errors
@@ -487,16 +487,12 @@ def delete(uri: str) -> None:
 
 
 def _move(uri_src: str, uri_dst: str) -> None:
+    """Rename a local file into place (atomic on POSIX)."""
     fs, src = filesystem(uri_src)
     _, dst = filesystem(uri_dst)
     with _guard(uri_dst, f"move {uri_src} into place"):
-        if isinstance(fs, pafs.LocalFileSystem):
-            _ensure_parent(fs, dst)
-            os.replace(src, dst)
-        else:
-            # S3 has no rename: server-side copy (the object appears whole), then delete.
-            fs.copy_file(src, dst)
-            fs.delete_file(src)
+        _ensure_parent(fs, dst)
+        os.replace(src, dst)
 
 
 @contextlib.contextmanager
@@ -577,8 +573,12 @@ class StageOutput:
             raise ValueError(f"invalid part name {name!r}")
 
     def write_part(self, name: str, data: bytes) -> str:
-        """Stage and publish one part; returns its final URI."""
+        """Publish one part; returns its final URI. On S3 one PUT of the final name (an object appears only when
+        complete); on local disk a staged file renamed into place."""
         final = self.part_uri(name)
+        if is_s3(final):
+            write_bytes(final, data)
+            return final
         # A fresh staging directory per write: concurrent or retried writers of the same part
         # never share a temporary file.
         staging = join(self.uri, TMP_DIR_NAME, uuid.uuid4().hex)
@@ -588,8 +588,7 @@ class StageOutput:
             _ensure_parent(fs, tmp_path)
             _write_direct(fs, tmp_path, data)
         _move(tmp, final)
-        if isinstance(fs, pafs.LocalFileSystem):
-            shutil.rmtree(filesystem(staging)[1], ignore_errors=True)
+        shutil.rmtree(filesystem(staging)[1], ignore_errors=True)
         return final
 
     def done_parts(self) -> set[str]:

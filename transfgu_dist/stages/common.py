@@ -87,23 +87,23 @@ class StageReport:
 
 
 def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
-                    actor_kwargs: dict[str, Any], images_per_part: int, extra_manifest: dict[str, Any]) -> StageReport:
+                    actor_kwargs: dict[str, Any], images_per_task: int, images_per_part: int, extra_manifest: dict[str, Any]) -> StageReport:
     """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
 
     Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
-    GPUs); each actor call writes one Parquet part. A rerun skips every image a published part covers, and each
+    GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
+    writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part covers, and each
     image is left in exactly one part before the commit (parts.deduplicate).
     """
     if out.is_committed():
         m = out.manifest()
         return StageReport(m["images"], 0, m["bad_images"], m)
-    done, bad = parts.processed_ids(out)
-    pending = [s for s in samples if s.image_id not in done | bad]
+    pending = parts.pending(samples, parts.coverage(out))
     log.info("%s: %d images, %d already done, %d to process", out.uri, len(samples), len(samples) - len(pending),
              len(pending))
     if pending:
         ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
-        ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_part, num_cpus=1)
+        ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_task, num_cpus=1)
         ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
         ds.materialize()
     removed, cover = parts.deduplicate(out)
@@ -111,12 +111,13 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
         log.warning("%s: %d parts overlapped others (images batched twice); removed or rewritten: %s", out.uri,
                     len(removed), ", ".join(removed))
     done, bad = parts.covered(cover)
-    missing = {s.image_id for s in samples} - done - bad
+    missing = parts.pending(samples, cover)
     if missing:
-        raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, e.g. {sorted(missing)[:3]}")
+        raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, e.g. {[s.image_id for s in missing[:3]]}")
     if bad:
         listed = storage.join(out.uri, "bad_images.txt")
         storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
         log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), len(samples), listed)
-    manifest = out.commit({"images": len(done), "bad_images": sorted(bad), **extra_manifest})
+    manifest = out.commit({"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover),
+                           **extra_manifest})
     return StageReport(len(done), len(pending), sorted(bad), manifest)

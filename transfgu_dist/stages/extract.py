@@ -12,8 +12,8 @@ import torch
 
 from transfgu_dist import parts, storage
 from transfgu_dist.config import Config
-from transfgu_dist.crops import (DROP, FG, classify_windows, cut_crops, fg_fraction, foreground_prior, sliding_windows,
-                                 windows_to_boxes)
+from transfgu_dist.crops import (DROP, FG, classify_windows_batch, cut_crops, fg_fraction_batch, foreground_prior,
+                                 sliding_windows, windows_to_boxes)
 from transfgu_dist.datasets import inputs_root, list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
@@ -36,6 +36,8 @@ class CropEncoder:
         self.windows = sliding_windows(h, w, cfg.crops.betas, cfg.crops.window_rule)
         self.boxes = torch.as_tensor(windows_to_boxes(self.windows, p, cfg.crops.window_rule), dtype=torch.float32)
         self.betas = np.asarray(cfg.crops.betas, np.float32)[self.windows[:, 0]]
+        side = cfg.crops.image_size[0] * cfg.crops.image_size[1]
+        self.prior_chunk = max(1, cfg.crops.batch_size * cfg.crops.crop_size ** 2 // side)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -45,30 +47,29 @@ class CropEncoder:
         crops_cfg = self.cfg.crops
         fg = None
         if crops_cfg.prior == "attention" and len(ids):
-            with autocast(self.dev):
-                fg = foreground_prior(self.encoder(images, with_patch=False).attn.float()).cpu()
-        rows, boxes = [], []
-        for i, image_id in enumerate(ids):
-            kinds = classify_windows(None if fg is None else fg[i], self.windows, crops_cfg.prior,
-                                     crops_cfg.fg_min, crops_cfg.bg_min)
-            keep = np.flatnonzero(kinds != DROP)
-            frac = fg_fraction(fg[i], self.windows[keep]) if fg is not None else np.ones(len(keep), np.float32)
-            rows.append((np.full(len(keep), image_id), keep, frac, kinds[keep] == FG))
-            boxes.append(torch.cat([torch.full((len(keep), 1), float(i)), self.boxes[keep]], dim=1))
-        boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 5)
+            with autocast(self.dev):  # the prior's forwards in chunks of about one crop batch's tokens
+                fg = torch.cat([foreground_prior(self.encoder(x, with_patch=False).attn.float())
+                                for x in images.split(self.prior_chunk)])
+        # every window of every image classified at once, on the device (one batched summed-area table)
+        kinds = classify_windows_batch(fg, self.windows, crops_cfg.prior if ids else "none", crops_cfg.fg_min,
+                                       crops_cfg.bg_min, images=len(ids)).cpu()
+        image_idx, win = torch.nonzero(kinds != DROP, as_tuple=True)
+        frac = (fg_fraction_batch(fg, self.windows).cpu()[image_idx, win] if fg is not None
+                else torch.ones(len(win)))
+        boxes_t = torch.cat([image_idx[:, None].float(), self.boxes[win]], dim=1)
         dtype = getattr(torch, self.cfg.crops.feature_dtype)
         features = [np.zeros((0, self.encoder.dim), self.cfg.crops.feature_dtype)]
         for chunk in boxes_t.to(self.dev).split(crops_cfg.batch_size) if len(boxes_t) else ():  # () if all bad
             crops = cut_crops(images, chunk, crops_cfg.crop_size)
             with autocast(self.dev):
                 features.append(self.encoder(crops, with_patch=False).cls.to(dtype).cpu().numpy())
-        keep = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, int)
+        keep = win.numpy()
         table = pa.table({
-            "image_id": pa.array(np.concatenate([r[0] for r in rows]) if rows else [], pa.string()),
+            "image_id": pa.array(np.asarray(ids, dtype=object)[image_idx.numpy()], pa.string()),
             "beta": pa.array(self.betas[keep], pa.float32()),
             "box": parts.fixed_list(self.boxes[keep].numpy().astype(np.int32), pa.int32()),
-            "fg_fraction": pa.array(np.concatenate([r[2] for r in rows]) if rows else [], pa.float32()),
-            "is_fg": pa.array(np.concatenate([r[3] for r in rows]) if rows else [], pa.bool_()),
+            "fg_fraction": pa.array(frac.numpy(), pa.float32()),
+            "is_fg": pa.array((kinds[image_idx, win] == FG).numpy(), pa.bool_()),
             "feature": parts.fixed_list(np.concatenate(features), pa.from_numpy_dtype(features[0].dtype)),
         })
         bad = [str(i) for i in batch["image_id"][~ok]]
@@ -81,4 +82,5 @@ def run_extract(cfg: Config) -> StageReport:
     out = features_output(cfg)
     samples = list_samples(cfg, cfg.data.train_split)
     return run_image_stage(out, samples, cfg.crops.image_size, CropEncoder, {"cfg": cfg, "out_uri": out.uri},
-                           cfg.crops.images_per_task, {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas)})
+                           cfg.crops.images_per_task, cfg.crops.images_per_part,
+                           {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas)})

@@ -39,8 +39,10 @@ class ConceptMapper:
         ids = [str(i) for i in batch["image_id"][ok]]
         images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
         if ids:
-            with autocast(self.dev):
-                maps, attn = gradcam(self.encoder, images, self.concepts, self.cfg.pseudo)
+            with autocast(self.dev):  # Grad-CAM batches of pseudo.batch_size images; one part for the whole call
+                cams = [gradcam(self.encoder, x, self.concepts, self.cfg.pseudo)
+                        for x in images.split(self.cfg.pseudo.batch_size)]
+            maps, attn = torch.cat([m for m, _ in cams]), torch.cat([a for _, a in cams])
         else:  # every image of the batch unreadable: an empty part records them
             h, w = (s // self.encoder.patch_size for s in self.cfg.pseudo.image_size)
             maps, attn = torch.zeros(0, len(self.concepts), h, w), torch.zeros(0, h, w)
@@ -60,5 +62,5 @@ def run_pseudo_label(cfg: Config) -> StageReport:
     out = bank_output(cfg)
     samples = list_samples(cfg, cfg.data.train_split)
     return run_image_stage(out, samples, cfg.pseudo.image_size, ConceptMapper, {"cfg": cfg, "out_uri": out.uri},
-                           cfg.pseudo.batch_size, {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
+                           cfg.pseudo.batch_size, cfg.pseudo.images_per_part, {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
                                                    "response": cfg.pseudo.response})
