@@ -1,6 +1,7 @@
 """Benchmarks of the hot paths against their ceilings (extract, pseudo_label, cluster, bootstrap); prints JSON.
 
     python jobs/bench.py [--only extract,pseudo_label,cluster,bootstrap] [--size tiny|small|full] [--out FILE]
+    python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
 See transfgu_dist/bench.py for what each figure means and docs/performance.md for measured numbers.
@@ -12,14 +13,16 @@ import contextlib
 import json
 import sys
 
-from transfgu_dist import bench
+SIZES, DEVICE_SIZES = ("tiny", "small", "full"), ("tiny", "full")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(bench.BENCHMARKS),
-                        help=f"comma-separated sub-benchmarks (default: all of {','.join(bench.BENCHMARKS)})")
-    parser.add_argument("--size", default="small", choices=list(bench.SIZES), help="problem sizes (default: small)")
+    parser.add_argument("--only", help="comma-separated sub-benchmarks (default: all of extract, pseudo_label, "
+                        "cluster, bootstrap)")
+    parser.add_argument("--size", choices=SIZES, help="problem sizes (default: small; --device-only: full)")
+    parser.add_argument("--device-only", action="store_true",
+                        help="the model hot paths on one device, importing neither Ray, FAISS nor MLflow")
     parser.add_argument("--repeats", type=int, help="timed repeats of in-process measurements (default: per size)")
     parser.add_argument("--workdir", help="scratch folder for data and stage outputs (default: a temporary one)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local Ray on 127.0.0.1)")
@@ -27,13 +30,26 @@ def main(argv: list[str] | None = None) -> dict:
                         help="experiment: OMP_NUM_THREADS for the local Ray's workers (default: Ray's, the task's CPUs)")
     parser.add_argument("--out", help="also write the JSON document to this file")
     args = parser.parse_args(argv)
-    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.device_only:
+        if args.size not in (None, *DEVICE_SIZES):
+            parser.error(f"--device-only runs at --size {' or '.join(DEVICE_SIZES)}, got {args.size}")
+        from transfgu_dist.bench_device import run_device
+
+        doc = run_device(args.size or "full", log)
+        print(json.dumps(doc, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=2)
+        return doc
+    from transfgu_dist import bench
+
+    only = [name.strip() for name in (args.only or ",".join(bench.BENCHMARKS)).split(",") if name.strip()]
     unknown = sorted(set(only) - set(bench.BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(bench.BENCHMARKS)})")
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt the JSON on stdout
-        doc = bench.run(only, args.size, args.repeats, args.workdir, args.address, log, args.worker_threads,
+        doc = bench.run(only, args.size or "small", args.repeats, args.workdir, args.address, log, args.worker_threads,
                         args.out)
     print(json.dumps(doc, indent=2))
     if bench.failed(doc):

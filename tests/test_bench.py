@@ -80,3 +80,21 @@ def test_bench_job_rejects_unknown_benchmark():
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--only", "extract,nope"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_device_only_bench_imports_no_ray_faiss_mlflow(tmp_path):
+    """`jobs/bench.py --device-only --size tiny` on CPU: every hot path timed with its FLOPs, and none of Ray,
+    FAISS or MLflow in sys.modules afterwards."""
+    code = ("import json, sys; sys.argv = ['bench', '--device-only', '--size', 'tiny', '--out', sys.argv[1]]; "
+            "import runpy; runpy.run_path('jobs/bench.py', run_name='__main__'); "
+            "print('LOADED', json.dumps(sorted(m for m in ('ray', 'faiss', 'mlflow') if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "LOADED []"
+    doc = json.loads((tmp_path / "d.json").read_text())
+    assert positive(doc["peak_gemm_tflop_per_s"])
+    assert {"gradcam_k27_32px_x2", "gradcam_k171_32px_x2", "train_step_32px_x2", "predict_32px_x2",
+            "encoder_forward_32px_x8"} == set(doc["paths"])
+    for name, path in doc["paths"].items():
+        assert positive(path["seconds"]) and positive(path["gflop"]) and positive(path["fraction_of_peak"]), name
