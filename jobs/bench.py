@@ -1,6 +1,7 @@
 """Benchmarks of the hot paths against their ceilings (extract, pseudo_label, cluster, bootstrap); prints JSON.
 
     python jobs/bench.py [--only extract,pseudo_label,cluster,bootstrap] [--size tiny|small|full] [--out FILE]
+    python jobs/bench.py --size scale [--scale-n 500,2000,8000]   # pipeline overheads vs image count (issue 15)
     python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
@@ -13,7 +14,7 @@ import contextlib
 import json
 import sys
 
-SIZES, DEVICE_SIZES = ("tiny", "small", "full"), ("tiny", "full")
+SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale"), ("tiny", "full")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", help="comma-separated sub-benchmarks (default: all of extract, pseudo_label, "
                         "cluster, bootstrap)")
     parser.add_argument("--size", choices=SIZES, help="problem sizes (default: small; --device-only: full)")
+    parser.add_argument("--scale-n", default="500,2000", help="--size scale: image counts (default: 500,2000)")
     parser.add_argument("--device-only", action="store_true",
                         help="the model hot paths on one device, importing neither Ray, FAISS nor MLflow")
     parser.add_argument("--repeats", type=int, help="timed repeats of in-process measurements (default: per size)")
@@ -36,12 +38,16 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--device-only runs at --size {' or '.join(DEVICE_SIZES)}, got {args.size}")
         from transfgu_dist.bench_device import run_device
 
-        doc = run_device(args.size or "full", log)
-        print(json.dumps(doc, indent=2))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(doc, f, indent=2)
-        return doc
+        return _emit(run_device(args.size or "full", log), args.out)
+    if args.size == "scale":
+        import tempfile
+        from pathlib import Path
+
+        from transfgu_dist.bench_scale import run_scale
+
+        with contextlib.redirect_stdout(sys.stderr):
+            doc = run_scale([int(n) for n in args.scale_n.split(",")], Path(args.workdir or tempfile.mkdtemp()), log)
+        return _emit(doc, args.out)
     from transfgu_dist import bench
 
     only = [name.strip() for name in (args.only or ",".join(bench.BENCHMARKS)).split(",") if name.strip()]
@@ -55,6 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
     if bench.failed(doc):
         log(f"failed: {', '.join(bench.failed(doc))}")
         sys.exit(1)
+    return doc
+
+
+def _emit(doc: dict, out: str | None) -> dict:
+    """The JSON document on stdout, and in `out` when given."""
+    print(json.dumps(doc, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(doc, f, indent=2)
     return doc
 
 
