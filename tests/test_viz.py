@@ -3,7 +3,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from transfgu_dist.viz import confusion_matrix_png, overlay_panel, palette, per_class_iou_png
+from transfgu_dist.viz import UNMATCHED_RGB, colourise, confusion_matrix_png, overlay_panel, palette, per_class_iou_png
 
 NAMES = ["sky", "grass", "disk"]
 
@@ -23,16 +23,24 @@ def test_palette_distinct_and_deterministic():
     assert (p.max(1) > 0).all()  # black is reserved for ignored pixels
 
 
-def test_overlay_panel_width_and_ignore_black():
+def test_colourise_ignore_black_unmatched_grey():
+    image = np.full((2, 2, 3), 100, np.uint8)
+    out = colourise(image, np.array([[0, 255], [-1, 254]]), n_classes=3)
+    np.testing.assert_array_equal(out[0, 1], [0, 0, 0])                                      # ignored
+    np.testing.assert_array_equal(out[1, 0], np.round(0.35 * 100 + 0.65 * np.array(UNMATCHED_RGB)))  # unmatched
+    np.testing.assert_array_equal(out[1, 0], out[1, 1])
+    np.testing.assert_array_equal(out[0, 0], np.round(0.35 * 100 + 0.65 * palette(3)[0].astype(float)))
+
+
+def test_overlay_panel_readable_size_with_legend():
     image = np.full((10, 12, 3), 128, np.uint8)
     gt = np.zeros((10, 12), np.uint8)
-    gt[0, 0] = 255
     pred = np.ones((10, 12), np.int64)
-    img = open_png(overlay_panel(image, gt, pred, n_classes=3))
-    assert img.size == (36, 10)
-    arr = np.array(img)
-    np.testing.assert_array_equal(arr[:, :12], image)
-    np.testing.assert_array_equal(arr[0, 12], [0, 0, 0])
+    pred[0] = -1
+    three = open_png(overlay_panel(image, gt, pred, NAMES))
+    assert three.height >= 320 and three.width >= 3 * 320 * 12 / 10
+    two = open_png(overlay_panel(image, None, pred, NAMES))
+    assert two.width < three.width and two.height == three.height
 
 
 def test_confusion_matrix_png():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
 
 GOLDEN = 0.6180339887498949
 
@@ -23,35 +22,55 @@ def palette(n: int) -> np.ndarray:
     return (hsv_to_rgb(hsv) * 255).round().astype(np.uint8)
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
+UNMATCHED_RGB = (150, 150, 150)  # clusters without a class (grey; black stays "ignored")
+PANEL_MIN_SIDE = 320             # panels are upscaled (nearest) until their short side is at least this
 
 
-def _colourise(image: np.ndarray, label: np.ndarray, colours: np.ndarray, ignore_index: int) -> np.ndarray:
-    """Blend class colours over ``image``; ignored or out-of-range labels become black."""
-    n = len(colours)
-    valid = (label >= 0) & (label < n) & (label != ignore_index)
-    colour = colours[np.where(valid, label, 0)].astype(np.float32)
-    blended = 0.35 * image.astype(np.float32) + 0.65 * colour
-    return np.where(valid[..., None], blended, 0).round().astype(np.uint8)
+def colourise(image: np.ndarray, label: np.ndarray, n_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """Blend class colours over ``image``: classes ``[0, n_classes)`` in ``palette`` colours, ``ignore_index``
+    black, any other value (an unmatched cluster) grey."""
+    label = np.asarray(label).astype(np.int64)
+    colours = np.concatenate([palette(n_classes), np.array([UNMATCHED_RGB], np.uint8)])
+    index = np.where((label >= 0) & (label < n_classes), label, n_classes)
+    blended = 0.35 * image.astype(np.float32) + 0.65 * colours[index].astype(np.float32)
+    return np.where((label == ignore_index)[..., None], 0, blended).round().astype(np.uint8)
 
 
-def overlay_panel(
-    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, n_classes: int, ignore_index: int = 255
-) -> bytes:
-    """PNG of ``image | ground truth | prediction`` side by side (width ``3 * W``).
+def overlay_panel(image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, class_names: list[str],
+                  ignore_index: int = 255) -> bytes:
+    """PNG of titled ``image | ground truth | prediction`` panels (no ground-truth panel when ``gt`` is None)
+    with a legend of the class names and colours present, at a readable size (short side >= 320 px).
 
-    ``pred`` should already be in gt class ids (e.g. clusters mapped through the Hungarian
-    matching); labels equal to ``ignore_index`` or outside ``[0, n_classes)`` are drawn black.
+    ``pred`` holds class ids (clusters mapped through the Hungarian matching); values outside
+    ``[0, len(class_names))`` other than ``ignore_index`` are unmatched clusters, drawn grey; ignored pixels black.
     """
-    gt, pred = np.asarray(gt).astype(np.int64), np.asarray(pred).astype(np.int64)
-    if gt.shape != image.shape[:2] or pred.shape != image.shape[:2]:
-        raise ValueError(f"image {image.shape[:2]}, gt {gt.shape} and pred {pred.shape} must match")
-    colours = palette(n_classes)
-    panels = [image] + [_colourise(image, lab, colours, ignore_index) for lab in (gt, pred)]
-    return _png(np.concatenate(panels, axis=1))
+    pred = np.asarray(pred).astype(np.int64)
+    labels = [("ground truth", np.asarray(gt).astype(np.int64))] if gt is not None else []
+    labels.append(("prediction", pred))
+    for title, lab in labels:
+        if lab.shape != image.shape[:2]:
+            raise ValueError(f"image {image.shape[:2]} and {title} {lab.shape} must match")
+    n = len(class_names)
+    panels = [("image", image)] + [(t, colourise(image, lab, n, ignore_index)) for t, lab in labels]
+    scale = max(1, -(-PANEL_MIN_SIDE // min(image.shape[:2])))
+    h, w = image.shape[0] * scale, image.shape[1] * scale
+    fig = _figure(len(panels) * w / 100 + 0.3, h / 100 + 1.3)
+    for i, (title, panel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.imshow(panel.repeat(scale, 0).repeat(scale, 1), interpolation="nearest")
+        ax.set_title(title, fontsize=11)
+        ax.axis("off")
+    present = np.unique(np.concatenate([lab.ravel() for _, lab in labels]))
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=palette(n)[c] / 255.0, label=class_names[c]) for c in present if 0 <= c < n]
+    if (((present < 0) | (present >= n)) & (present != ignore_index)).any():
+        handles.append(Patch(color=np.array(UNMATCHED_RGB) / 255.0, label="unmatched cluster"))
+    if (present == ignore_index).any():
+        handles.append(Patch(color="black", label="ignored"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+    return _figure_png(fig)
 
 
 def _figure(width: float, height: float):

@@ -34,7 +34,8 @@ from transfgu_dist.stages.cluster import load_concepts
 from transfgu_dist.datasets import list_samples
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
 from transfgu_dist.stages.common import cluster_gpus, images_to_device, load_images
-from transfgu_dist.stages.evaluate import IGNORE, predict, val_dataset
+from transfgu_dist.segmenter import predict
+from transfgu_dist.stages.evaluate import IGNORE, val_dataset
 from transfgu_dist.tracking import log_epoch
 from transfgu_dist.stages.pseudo_label import bank_output
 from transfgu_dist.storage import StageOutput

@@ -13,6 +13,7 @@ import torch
 from transfgu_dist import parts, storage
 from transfgu_dist.datasets import Sample
 from transfgu_dist.images import BadImageError, decode_image, to_float_batch
+from transfgu_dist.segmenter import autocast  # noqa: F401 - the stages' bf16 autocast
 from transfgu_dist.storage import StageOutput
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,6 @@ def actor_device() -> torch.device:
         return torch.device("cuda")
     torch.set_num_threads(os.cpu_count() or 1)
     return torch.device("cpu")
-
-
-def autocast(dev: torch.device):
-    """bf16 autocast on GPU; a no-op on CPU."""
-    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
 
 def load_images(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:

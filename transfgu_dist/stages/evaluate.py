@@ -13,59 +13,27 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
-import torch.nn.functional as F
 
 from transfgu_dist import storage, synthetic
 from transfgu_dist.config import Config
 from transfgu_dist.datasets import Sample, data_root, list_samples
 from transfgu_dist.decoder import MaskTransformer
-from transfgu_dist.encoder import ARCHS, ViTEncoder, build_encoder
-from transfgu_dist.images import BadImageError, decode_label, normalize, resize_labels
+from transfgu_dist.encoder import build_encoder
+from transfgu_dist.images import BadImageError, decode_label, resize_labels
 from transfgu_dist.label_maps import class_names as table_class_names, remap_label, table_name
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
-from transfgu_dist.stages.common import actor_device, actor_pool, autocast, images_to_device, load_images
+from transfgu_dist.segmenter import CheckpointError, load_decoder, predict  # noqa: F401 - CheckpointError re-exported
+from transfgu_dist.stages.common import actor_device, actor_pool, images_to_device, load_images
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
 
 log = logging.getLogger(__name__)
 
 IGNORE = 255  # ground-truth value that is not scored (reference sec 7.1: mapped to -1)
-CHECKPOINT_KEYS = ("decoder", "n_outputs", "encoder", "round")
-
-
-class CheckpointError(ValueError):
-    """A file is not the bootstrap checkpoint this config expects; the message names the file."""
 
 
 def default_checkpoint(cfg: Config) -> str:
     return storage.join(cfg.output, "bootstrap", "final.pt")
-
-
-def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
-    """The bootstrap stage's decoder from `uri` ({decoder, n_outputs, encoder, round}), checked against `cfg`."""
-    with storage.local_copy(uri) as path:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
-            raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint ({e})") from e
-    arch, width = cfg.encoder.arch, ARCHS[cfg.encoder.arch][1]
-    expected = (f"expected a bootstrap checkpoint dict with keys {', '.join(CHECKPOINT_KEYS)} for "
-                f"{cfg.n_outputs} outputs on encoder '{arch}' (width {width})")
-    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys():
-        got = f"keys {', '.join(map(str, list(ckpt)[:4]))} ..." if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{uri}: {expected}; got {got}")
-    if ckpt["n_outputs"] != cfg.n_outputs:
-        raise CheckpointError(f"{uri}: {expected}; got n_outputs {ckpt['n_outputs']}")
-    got_arch = ckpt["encoder"].get("arch") if isinstance(ckpt["encoder"], dict) else None
-    if got_arch != arch:
-        raise CheckpointError(f"{uri}: {expected}; got a decoder trained on encoder '{got_arch}'")
-    decoder = MaskTransformer(width, cfg.n_outputs, cfg.decoder)
-    try:
-        decoder.load_state_dict(ckpt["decoder"])
-    except (RuntimeError, TypeError) as e:
-        raise CheckpointError(f"{uri}: {expected}; its decoder weights do not fit ({e})") from e
-    return decoder.eval()
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -99,14 +67,6 @@ def load_labeled_images(batch: dict[str, np.ndarray], size: tuple[int, int],
             batch["ok"][i] = False
     gt[~batch["ok"]] = IGNORE
     return {**batch, "gt": gt}
-
-
-@torch.no_grad()
-def predict(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax (sec 7.1)."""
-    with autocast(images.device):
-        logits = decoder(encoder(normalize(images)).patch).logits
-    return F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(1).cpu().numpy()
 
 
 class Predictor:
@@ -170,7 +130,7 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     for r in rows:
         for image_id, image, gt, pred in zip(r["overlay_ids"].split("\n"), r["overlay_image"], r["overlay_gt"],
                                              r["overlay_pred"]):
-            panel = overlay_panel(image, gt, scores.matching[pred], cfg.data.n_classes, IGNORE)
+            panel = overlay_panel(image, gt, scores.matching[pred], names, IGNORE)
             out.write_part(f"overlays/{image_id}.png", panel)
     log.info("evaluate: mIoU %.4f, pixel accuracy %.4f over %d images", scores.miou, scores.pixel_accuracy, n_images)
     return out.commit({"metrics": metrics})["metrics"]

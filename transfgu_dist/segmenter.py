@@ -1,0 +1,187 @@
+"""The trained segmenter as one object: frozen encoder + bootstrapped decoder (paper sec 3.1, Eq. 2), the eval
+resolution, class names and the Hungarian matching of an evaluate run (sec 4.1).
+
+`predict` is the protocol forward of reference sec 7.1 shared by evaluate, bootstrap validation and the predict
+stage; `Segmenter.segment` applies it to images of any size and returns label maps at each image's own size.
+Nothing here imports Ray, FAISS or MLflow.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from transfgu_dist import storage
+from transfgu_dist.config import Config, DecoderConfig, EncoderConfig
+from transfgu_dist.decoder import MaskTransformer
+from transfgu_dist.encoder import ARCHS, ViTEncoder, build_encoder
+from transfgu_dist.images import normalize, to_float_batch
+
+CHECKPOINT_KEYS = ("decoder", "n_outputs", "encoder", "round")
+ARTIFACT_FORMAT = "transfgu-segmenter/1"
+UNMATCHED = 254  # label PNG value of a cluster the matching leaves without a class (255 stays "ignore")
+
+
+class CheckpointError(ValueError):
+    """A file is not the checkpoint this config expects; the message names the file."""
+
+
+def _torch_load(uri: str) -> Any:
+    with storage.local_copy(uri) as path:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
+            raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint ({e})") from e
+
+
+def _build_decoder(uri: str, state: dict, width: int, n_outputs: int, cfg: DecoderConfig, expected: str):
+    decoder = MaskTransformer(width, n_outputs, cfg)
+    try:
+        decoder.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{uri}: {expected}; its decoder weights do not fit ({e})") from e
+    return decoder.eval()
+
+
+def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
+    """The bootstrap stage's decoder from `uri` ({decoder, n_outputs, encoder, round}), checked against `cfg`."""
+    ckpt = _torch_load(uri)
+    arch, width = cfg.encoder.arch, ARCHS[cfg.encoder.arch][1]
+    expected = (f"expected a bootstrap checkpoint dict with keys {', '.join(CHECKPOINT_KEYS)} for "
+                f"{cfg.n_outputs} outputs on encoder '{arch}' (width {width})")
+    if not isinstance(ckpt, dict) or not set(CHECKPOINT_KEYS) <= ckpt.keys():
+        got = f"keys {', '.join(map(str, list(ckpt)[:4]))} ..." if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{uri}: {expected}; got {got}")
+    if ckpt["n_outputs"] != cfg.n_outputs:
+        raise CheckpointError(f"{uri}: {expected}; got n_outputs {ckpt['n_outputs']}")
+    got_arch = ckpt["encoder"].get("arch") if isinstance(ckpt["encoder"], dict) else None
+    if got_arch != arch:
+        raise CheckpointError(f"{uri}: {expected}; got a decoder trained on encoder '{got_arch}'")
+    return _build_decoder(uri, ckpt["decoder"], width, cfg.n_outputs, cfg.decoder, expected)
+
+
+def autocast(dev: torch.device):
+    """bf16 autocast on GPU; a no-op on CPU."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
+@torch.no_grad()
+def cluster_logits(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Decoder masks (B, K, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), in float32."""
+    with autocast(images.device):
+        return decoder(encoder(normalize(images)).patch).logits.float()
+
+
+@torch.no_grad()
+def predict(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax (sec 7.1)."""
+    logits = cluster_logits(encoder, decoder, images)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).cpu().numpy()
+
+
+def _as_uint8_rgb(image: Any) -> np.ndarray:
+    """A PIL image, an HWC uint8 / float [0, 1] array, or a CHW / HW tensor -> uint8 RGB (H, W, 3)."""
+    if hasattr(image, "convert"):  # PIL
+        return np.array(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        image = (t.permute(1, 2, 0) if t.ndim == 3 and t.shape[0] in (1, 3) else t).numpy()
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an image (H, W[, 1|3|4]) or a PIL image, got shape {a.shape}")
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[..., :3]
+
+
+@dataclass
+class Segmenter:
+    encoder: ViTEncoder
+    decoder: MaskTransformer
+    encoder_cfg: EncoderConfig
+    decoder_cfg: DecoderConfig
+    image_size: tuple[int, int] = (320, 320)        # the eval resolution images are resized to (sec 7.1)
+    class_names: list[str] = field(default_factory=list)
+    matching: np.ndarray | None = None              # (K,) class id per cluster or -1 (evaluate's metrics.json)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_checkpoint(cls, uri: str, cfg: Config | None = None, metrics: str | None = None,
+                        class_names: Sequence[str] = (), device: str | torch.device = "cpu") -> Segmenter:
+        """An exported artifact (jobs/export.py: needs nothing else), or a bootstrap `final.pt` / `best.pt`
+        (local or s3://) with the training `cfg`; `metrics` is an evaluate metrics.json whose matching maps
+        clusters to classes."""
+        ckpt = _torch_load(uri)
+        if isinstance(ckpt, dict) and ckpt.get("format") == ARTIFACT_FORMAT:
+            enc, dec = EncoderConfig(**ckpt["encoder"]), DecoderConfig(**ckpt["decoder_config"])
+            width = ARCHS[enc.arch][1]
+            decoder = _build_decoder(uri, ckpt["decoder"], width, ckpt["n_outputs"], dec, "expected an exported "
+                                     "segmenter")
+            seg = cls(build_encoder(enc), decoder, enc, dec, tuple(ckpt["image_size"]), list(ckpt["class_names"]),
+                      None if ckpt["matching"] is None else np.asarray(ckpt["matching"], np.int64))
+        elif cfg is None:
+            raise CheckpointError(f"{uri}: a bootstrap checkpoint needs the training config (--config); only an "
+                                  f"artifact written by jobs/export.py loads on its own")
+        else:
+            seg = cls(build_encoder(cfg.encoder), load_decoder(uri, cfg), cfg.encoder, cfg.decoder,
+                      tuple(cfg.eval.image_size), list(class_names))
+        if metrics:
+            seg.matching = read_matching(metrics, seg.decoder.n_classes)
+            seg.class_names = list(storage.read_json(metrics)["per_class_iou"]) or seg.class_names
+        return seg.to(device)
+
+    def to(self, device: str | torch.device) -> Segmenter:
+        self.device = torch.device(device)
+        self.encoder.to(self.device).eval()
+        self.decoder.to(self.device).eval()
+        return self
+
+    def artifact(self) -> dict[str, Any]:
+        """The self-contained export (decoder weights; the encoder as its arch + weights source)."""
+        return {"format": ARTIFACT_FORMAT, "decoder": self.decoder.state_dict(), "n_outputs": self.decoder.n_classes,
+                "decoder_config": asdict(self.decoder_cfg), "encoder": asdict(self.encoder_cfg),
+                "image_size": list(self.image_size), "class_names": list(self.class_names),
+                "matching": None if self.matching is None else self.matching.tolist()}
+
+    def to_classes(self, clusters: np.ndarray) -> np.ndarray:
+        """Cluster ids -> class ids through the matching (unmatched: UNMATCHED); raw clusters without one."""
+        if self.matching is None:
+            return clusters.astype(np.uint8)
+        return np.where(self.matching >= 0, self.matching, UNMATCHED).astype(np.uint8)[clusters]
+
+    def logits(self, images: Sequence[Any]) -> torch.Tensor:
+        """Cluster logits (B, K, h, w) at the patch grid for images resized to `image_size`."""
+        batch = to_float_batch([_as_uint8_rgb(im) for im in images], self.image_size).to(self.device)
+        return cluster_logits(self.encoder, self.decoder, batch)
+
+    def segment(self, images: Any) -> list[np.ndarray]:
+        """Label maps (uint8, each at its image's size): matched class ids, or cluster ids without a matching.
+        `images`: one image or a list of PIL images / numpy arrays / tensors of any sizes."""
+        single = hasattr(images, "convert") or (hasattr(images, "ndim") and images.ndim in (2, 3))
+        images = [images] if single else list(images)
+        rgb = [_as_uint8_rgb(im) for im in images]
+        logits = self.logits(rgb)
+        return [self.to_classes(upsample_argmax(lg, im.shape[:2])) for lg, im in zip(logits, rgb)]
+
+
+def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One image's (K, h, w) logits -> cluster ids at `size` (bilinear, align_corners=False, as sec 7.1)."""
+    up = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return up[0].argmax(0).cpu().numpy()
+
+
+def read_matching(uri: str, n_outputs: int) -> np.ndarray:
+    """The Hungarian matching (class id per cluster, -1 unmatched) of an evaluate run's metrics.json."""
+    try:
+        matching = np.asarray(storage.read_json(uri)["matching"], np.int64)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{uri}: expected an evaluate metrics.json with a 'matching' list ({e})") from e
+    if matching.shape != (n_outputs,):
+        raise CheckpointError(f"{uri}: expected a matching of {n_outputs} clusters, got {matching.shape}")
+    return matching
