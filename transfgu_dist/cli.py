@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -28,7 +29,8 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # Settings that change how fast a stage runs, not what it writes.
 RESOURCE_KEYS = {"crops.batch_size", "crops.images_per_task", "crops.images_per_part", "pseudo.batch_size",
                  "pseudo.images_per_part", "train.num_workers",
-                 "train.cpus_per_worker", "train.use_gpu", "train.max_failures", "eval.batch_size"}
+                 "train.cpus_per_worker", "train.use_gpu", "train.max_failures", "eval.batch_size",
+                 "eval.checkpoint"}  # eval.checkpoint picks another output folder (evaluate.evaluate_dir)
 
 
 def _stage(name: str) -> Callable[[Config], Any]:
@@ -108,7 +110,9 @@ def log_stage(cfg: Config, name: str, result: Any, seconds: float) -> None:
         mlflow.log_dict(result, "bootstrap_manifest.json")
     elif name == "evaluate":
         mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]})
-        tracking.log_outputs(storage.join(cfg.output, "evaluate"), "evaluate")
+        from transfgu_dist.stages.evaluate import evaluate_dir
+
+        tracking.log_outputs(evaluate_dir(cfg), "evaluate")
 
 
 def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -140,6 +144,81 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     if "evaluate" in results:
         m = results["evaluate"]
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
-              f"({m['n_images']} val images)")
+              f"({m['n_images']} val images, {m['checkpoint']})")
+    best = (results.get("bootstrap") or {}).get("metrics", {}).get("best/val/miou")
+    if best is not None and best >= 0:
+        print(f"best epoch on val: mIoU {100 * best:.2f} (the reference protocol reports this epoch; score its "
+              f"bootstrap/best.pt with `jobs/evaluate.py eval.checkpoint=best`)")
     print(f"outputs: {cfg.output}\nMLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return {"config": cfg, "results": results, "timings": timings}
+
+
+
+SEGMENTER_KEYS = ("run", "input", "output", "checkpoint", "metrics", "crf")
+
+
+def segmenter_job(description: str, job: Callable[[Any, Config, dict[str, str], argparse.Namespace], Any],
+                  required: Sequence[str], argv: Sequence[str] | None = None) -> Any:
+    """jobs/predict.py and jobs/export.py: load a Segmenter from `run=` (a training output; its config.yaml is the
+    config unless --config is given), `checkpoint=` (default <run>/bootstrap/final.pt) and `metrics=` (default
+    <run>/evaluate/metrics.json when it exists), then `job(seg, cfg, keys, args)`. Other section.key=value
+    arguments override the config; a wrong checkpoint, config or path fails in one line."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(description, argv)
+    keys = dict(o.split("=", 1) for o in args.overrides if o.split("=", 1)[0] in SEGMENTER_KEYS)
+    args.overrides = [o for o in args.overrides if o.split("=", 1)[0] not in SEGMENTER_KEYS]
+    missing = [k for k in required if k not in keys]
+    if missing:
+        sys.exit(f"give {' and '.join(f'{k}=' for k in missing)} (see --help)")
+    from transfgu_dist.segmenter import CheckpointError, Segmenter
+
+    try:
+        with storage.local_copy(storage.join(keys["run"], "config.yaml")) if "run" in keys and not args.config \
+                else contextlib.nullcontext(args.config) as config_path:
+            args.config = config_path
+            cfg = prepare(args)
+        run = keys.get("run", cfg.output)
+        checkpoint = keys.get("checkpoint", storage.join(run, "bootstrap", "final.pt"))
+        metrics = keys.get("metrics", storage.join(run, "evaluate", "metrics.json"))
+        if "metrics" not in keys and not storage.exists(metrics):
+            metrics = None
+        seg = Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics)
+        if keys.get("crf", "false").lower() in ("1", "true", "yes"):
+            from transfgu_dist.crf import CRFConfig
+
+            seg.crf = CRFConfig()
+        if "output" in keys and "://" not in keys["output"]:
+            keys["output"] = os.path.abspath(keys["output"])
+        return job(seg, cfg, keys, args)
+    except (CheckpointError, ConfigError, storage.StorageError, ValueError) as e:
+        sys.exit(str(e).splitlines()[0])
+
+
+def _predict(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> Any:
+    from transfgu_dist.stages.common import init_ray
+    from transfgu_dist.stages.predict import run_predict
+
+    init_ray(args.address)
+    report = run_predict(seg, keys["input"], keys["output"], batch_size=cfg.eval.batch_size)
+    print(report.summary())
+    return report
+
+
+def run_predict_job(description: str, argv: Sequence[str] | None = None) -> Any:
+    return segmenter_job(description, _predict, ("input", "output"), argv)
+
+
+def _export(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> str:
+    from transfgu_dist.export import export, log_mlflow_model
+
+    uri = export(seg, keys.get("output", storage.join(keys.get("run", cfg.output), "export", "segmenter.pt")))
+    with tracking.run(cfg, "export"):
+        model_uri = log_mlflow_model(seg)
+    print(f"exported {uri}\nMLflow model: {model_uri}")
+    return uri
+
+
+def run_export_job(description: str, argv: Sequence[str] | None = None) -> str:
+    return segmenter_job(description, _export, (), argv)

@@ -139,6 +139,8 @@ class EvalConfig:
     image_size: tuple[int, int] = (320, 320)
     batch_size: int = 16
     n_overlays: int = 8
+    checkpoint: str = ""                # "" = bootstrap/final.pt (last epoch), "best" = bootstrap/best.pt (best
+                                        # epoch on val, the reference protocol's pick), or a checkpoint URI
 
 
 @dataclass

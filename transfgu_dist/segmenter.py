@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from transfgu_dist import storage
 from transfgu_dist.config import Config, DecoderConfig, EncoderConfig
+from transfgu_dist.crf import CRFConfig, dense_crf
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import ARCHS, ViTEncoder, build_encoder
 from transfgu_dist.images import normalize, to_float_batch
@@ -110,6 +111,7 @@ class Segmenter:
     class_names: list[str] = field(default_factory=list)
     matching: np.ndarray | None = None              # (K,) class id per cluster or -1 (evaluate's metrics.json)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    crf: CRFConfig | None = None                    # dense-CRF refinement at each image's size (off: None)
 
     @classmethod
     def from_checkpoint(cls, uri: str, cfg: Config | None = None, metrics: str | None = None,
@@ -119,12 +121,7 @@ class Segmenter:
         clusters to classes."""
         ckpt = _torch_load(uri)
         if isinstance(ckpt, dict) and ckpt.get("format") == ARTIFACT_FORMAT:
-            enc, dec = EncoderConfig(**ckpt["encoder"]), DecoderConfig(**ckpt["decoder_config"])
-            width = ARCHS[enc.arch][1]
-            decoder = _build_decoder(uri, ckpt["decoder"], width, ckpt["n_outputs"], dec, "expected an exported "
-                                     "segmenter")
-            seg = cls(build_encoder(enc), decoder, enc, dec, tuple(ckpt["image_size"]), list(ckpt["class_names"]),
-                      None if ckpt["matching"] is None else np.asarray(ckpt["matching"], np.int64))
+            seg = cls.from_artifact(ckpt, uri)
         elif cfg is None:
             raise CheckpointError(f"{uri}: a bootstrap checkpoint needs the training config (--config); only an "
                                   f"artifact written by jobs/export.py loads on its own")
@@ -135,6 +132,15 @@ class Segmenter:
             seg.matching = read_matching(metrics, seg.decoder.n_classes)
             seg.class_names = list(storage.read_json(metrics)["per_class_iou"]) or seg.class_names
         return seg.to(device)
+
+    @classmethod
+    def from_artifact(cls, art: dict[str, Any], uri: str = "artifact") -> Segmenter:
+        """The inverse of `artifact()`; the encoder is rebuilt from its arch and weights source."""
+        enc, dec = EncoderConfig(**art["encoder"]), DecoderConfig(**art["decoder_config"])
+        decoder = _build_decoder(uri, art["decoder"], ARCHS[enc.arch][1], art["n_outputs"], dec,
+                                 "expected an exported segmenter")
+        return cls(build_encoder(enc), decoder, enc, dec, tuple(art["image_size"]), list(art["class_names"]),
+                   None if art["matching"] is None else np.asarray(art["matching"], np.int64))
 
     def to(self, device: str | torch.device) -> Segmenter:
         self.device = torch.device(device)
@@ -167,7 +173,14 @@ class Segmenter:
         images = [images] if single else list(images)
         rgb = [_as_uint8_rgb(im) for im in images]
         logits = self.logits(rgb)
-        return [self.to_classes(upsample_argmax(lg, im.shape[:2])) for lg, im in zip(logits, rgb)]
+        return [self.labels(lg, im) for lg, im in zip(logits, rgb)]
+
+    def labels(self, logits: torch.Tensor, image: np.ndarray) -> np.ndarray:
+        """One image's (K, h, w) logits -> its label map at the size of `image` (CRF-refined when configured)."""
+        if self.crf is None:
+            return self.to_classes(upsample_argmax(logits, image.shape[:2]))
+        up = F.interpolate(logits[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        return self.to_classes(dense_crf(image, up, self.crf).argmax(0).cpu().numpy())
 
 
 def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -33,7 +33,15 @@ IGNORE = 255  # ground-truth value that is not scored (reference sec 7.1: mapped
 
 
 def default_checkpoint(cfg: Config) -> str:
-    return storage.join(cfg.output, "bootstrap", "final.pt")
+    """`eval.checkpoint`: "" -> bootstrap/final.pt, "best" -> bootstrap/best.pt, else the URI itself."""
+    name = {"": "final.pt", "best": "best.pt"}.get(cfg.eval.checkpoint)
+    return storage.join(cfg.output, "bootstrap", name) if name else cfg.eval.checkpoint
+
+
+def evaluate_dir(cfg: Config) -> str:
+    """`<output>/evaluate` for final.pt; `<output>/evaluate-<name>` for any other checkpoint (kept apart)."""
+    name = "" if not cfg.eval.checkpoint else cfg.eval.checkpoint.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
+    return storage.join(cfg.output, f"evaluate-{name}" if name else "evaluate")
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -100,12 +108,12 @@ def val_dataset(cfg: Config, samples: list[Sample]) -> ray.data.Dataset:
 
 
 def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
-    """Score the decoder at `checkpoint` (default `<output>/bootstrap/final.pt`) on all of `data.val_split`.
+    """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`.
 
-    Writes `<output>/evaluate/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` and commits
+    Writes `evaluate_dir(cfg)/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` and commits
     it with the metrics in the manifest; a committed stage returns its stored metrics without recomputing.
     """
-    out = StageOutput(storage.join(cfg.output, "evaluate"))
+    out = StageOutput(evaluate_dir(cfg))
     if out.is_committed():
         return out.manifest()["metrics"]
     checkpoint = checkpoint or default_checkpoint(cfg)

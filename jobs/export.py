@@ -1,0 +1,12 @@
+"""Export a trained segmenter: one self-contained file plus an MLflow (pyfunc) model.
+
+  python jobs/export.py run=TRAINING_OUTPUT [output=FILE] [checkpoint=URI] [metrics=URI]
+
+Writes output (default <run>/export/segmenter.pt), which `transfgu_dist.segmenter.Segmenter.from_checkpoint`
+and `jobs/predict.py checkpoint=...` load without the training config, and logs it to the run's MLflow
+experiment as a model (`mlflow models predict -m <model uri>` and `mlflow.pyfunc.load_model` load it).
+"""
+from transfgu_dist.cli import run_export_job
+
+if __name__ == "__main__":
+    run_export_job(__doc__)

@@ -1,0 +1,13 @@
+"""Segment your own images with a trained model.
+
+  python jobs/predict.py --config CONFIG input=FOLDER|s3://PREFIX|LIST.txt output=DEST [checkpoint=URI] [metrics=URI]
+
+checkpoint: bootstrap final.pt (default <config output>/bootstrap/final.pt), best.pt, an s3:// copy, or an artifact
+of jobs/export.py. metrics: an evaluate metrics.json whose Hungarian matching names the clusters (default
+<config output>/evaluate/metrics.json when it exists; without one the label PNGs hold raw cluster ids).
+Other section.key=value arguments override the config (e.g. eval.batch_size=8).
+"""
+from transfgu_dist.cli import run_predict_job
+
+if __name__ == "__main__":
+    run_predict_job(__doc__)

@@ -1,0 +1,108 @@
+"""Applying a trained segmenter: the predict stage on odd images (local and S3), the Python API, the export."""
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from conftest import ROOT, boto3_s3
+from transfgu_dist import storage
+from transfgu_dist.cli import parse_args, prepare
+from transfgu_dist.datasets import list_samples
+from transfgu_dist.export import export
+from transfgu_dist.images import decode_image
+from transfgu_dist.segmenter import CheckpointError, Segmenter, predict
+from transfgu_dist.stages.common import images_to_device, load_images
+from transfgu_dist.stages.predict import run_predict
+
+pytestmark = pytest.mark.slow
+
+SIZES = {"portrait": (40, 24), "tiny": (5, 7), "gray": (30, 30), "sub/wide": (20, 90)}  # id -> (H, W)
+
+
+def odd_images() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, (h, w) in SIZES.items():
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
+        buf = io.BytesIO()
+        (img.convert("L") if name == "gray" else img).save(buf, format="JPEG" if name == "tiny" else "PNG")
+        files[name + (".jpg" if name == "tiny" else ".png")] = buf.getvalue()
+    files["broken.png"] = b"not an image"
+    return files
+
+
+@pytest.fixture(scope="module")
+def trained(e2e_run):
+    cfg = prepare(parse_args("", [f"--config={e2e_run / 'config.yaml'}"]))
+    metrics = str(e2e_run / "evaluate" / "metrics.json")
+    return cfg, Segmenter.from_checkpoint(str(e2e_run / "bootstrap" / "final.pt"), cfg, metrics=metrics)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def check_outputs(out: str, report) -> None:
+    assert report.bad == ["broken"] and report.images == len(SIZES)
+    for name, (h, w) in SIZES.items():
+        labels = decode_image(storage.read_bytes(storage.join(out, "labels", f"{name}.png")), name)
+        assert labels.shape[:2] == (h, w)  # at the original resolution
+        overlay = Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "overlays", f"{name}.png"))))
+        assert overlay.height >= 320
+    assert storage.read_bytes(storage.join(out, "bad_images.txt")).decode().split() == ["broken"]
+
+
+def test_predict_odd_images_local_and_s3_resumes(trained, local_ray, tmp_path, s3_bucket, s3_server):
+    _, seg = trained
+    src = tmp_path / "in"
+    for name, data in odd_images().items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(data)
+        boto3_s3(s3_server).put_object(Bucket=s3_bucket[5:], Key=f"in/{name}", Body=data)
+    for inputs, out in [(str(src), str(tmp_path / "out")), (f"{s3_bucket}/in", f"{s3_bucket}/out")]:
+        report = run_predict(seg, inputs, out, batch_size=2)
+        assert report.processed == len(SIZES)
+        check_outputs(out, report)
+    again = run_predict(seg, str(src), str(tmp_path / "out"))
+    assert again.processed == 0 and "0 images segmented" in again.summary()
+    check_outputs(str(tmp_path / "out"), again)
+    labels = np.array(Image.open(tmp_path / "out" / "labels" / "portrait.png"))
+    assert set(np.unique(labels)) <= set(range(len(seg.class_names))) | {254}  # matched class ids
+
+
+def test_segment_equals_evaluate_predict(trained, e2e_run):
+    cfg, seg = trained
+    uris = [s.image for s in list_samples(cfg, cfg.data.val_split)[:3]]
+    batch = load_images({"uri": np.array(uris)}, tuple(cfg.eval.image_size))
+    evaluated = predict(seg.encoder, seg.decoder, images_to_device(batch, torch.device("cpu")), cfg.eval.image_size)
+    segmented = seg.segment(list(batch["image"]))
+    np.testing.assert_array_equal(np.stack(segmented), seg.to_classes(evaluated))
+
+
+def test_export_reloads_with_identical_labels(trained, e2e_run, tmp_path):
+    _, seg = trained
+    image = np.random.default_rng(1).integers(0, 255, (37, 53, 3), np.uint8)
+    path = export(seg, str(tmp_path / "segmenter.pt"))
+    again = Segmenter.from_checkpoint(path)  # no config
+    assert again.class_names == seg.class_names and (again.matching == seg.matching).all()
+    np.testing.assert_array_equal(again.segment(image)[0], seg.segment(Image.fromarray(image))[0])
+    with pytest.raises(CheckpointError, match="needs the training config"):
+        Segmenter.from_checkpoint(str(e2e_run / "bootstrap" / "final.pt"))
+
+
+def test_predict_job_wrong_checkpoint_fails_in_one_line(e2e_run, tmp_path):
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"decoder": {}}, wrong)
+    proc = subprocess.run([sys.executable, f"{ROOT}/jobs/predict.py", f"run={e2e_run}", f"checkpoint={wrong}",
+                           f"input={tmp_path}", f"output={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(f"{wrong}: expected a bootstrap")
