@@ -73,7 +73,8 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
     assert len(metrics["matching"]) == cfg.n_outputs and metrics["checkpoint"] == ckpt
     assert open_png(out / "confusion.png").format == "PNG" and open_png(out / "per_class_iou.png").format == "PNG"
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["000000.png", "000001.png"]
-    assert open_png(out / "overlays" / "000000.png").size == (3 * SIZE, SIZE)
+    overlay = open_png(out / "overlays" / "000000.png")  # titled image | GT | prediction panels with a legend
+    assert overlay.height >= 320 and overlay.width >= 3 * 320
     manifest = json.loads((out / "_SUCCESS.json").read_text())
     assert manifest["metrics"] == metrics and "metrics.json" in manifest["parts"]
 
