@@ -179,7 +179,9 @@ def segmenter_job(description: str, job: Callable[[Any, Config, dict[str, str], 
                 else contextlib.nullcontext(args.config) as config_path:
             args.config = config_path
             cfg = prepare(args)
-        run = keys.get("run", cfg.output)
+        if "run" in keys:  # a moved or copied run: its own folder, not the output its config.yaml recorded
+            cfg.output = keys["run"] if "://" in keys["run"] else os.path.abspath(keys["run"])
+        run = cfg.output
         checkpoint = keys.get("checkpoint", storage.join(run, "bootstrap", "final.pt"))
         metrics = keys.get("metrics", storage.join(run, "evaluate", "metrics.json"))
         if "metrics" not in keys and not storage.exists(metrics):
