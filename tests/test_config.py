@@ -32,3 +32,19 @@ def test_bad_keys_are_named(tmp_path):
         load_config(overrides=["decoder.mask_head=dot"])
     with pytest.raises(ConfigError, match=r"missing\.yaml does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("text", ["2e-4", "1e-4", "1.0e-4"])
+def test_floats_in_any_notation(tmp_path, text):
+    assert load_config(overrides=[f"train.lr={text}"]).train.lr == float(text)
+    f = tmp_path / "lr.yaml"
+    f.write_text(f"train:\n  lr: {text}\nloss:\n  t_bg: {text}\n")
+    cfg = load_config(f)
+    assert cfg.train.lr == cfg.loss.t_bg == float(text)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML .*line \d+"):
+        load_config(f)
