@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist import storage, tracking
-from transfgu_dist.config import Config, ConfigError, dump_yaml, load_config, to_dict
-from transfgu_dist.datasets import ensure_synthetic
-from transfgu_dist.encoder import resolve_encoder
+from transfgu_dist import storage
+from transfgu_dist.config import PRESETS, Config, ConfigError, dump_yaml, load_config, to_dict
 
 log = logging.getLogger("transfgu_dist")
 
@@ -38,26 +38,78 @@ def _stage(name: str) -> Callable[[Config], Any]:
             "bootstrap": bootstrap.run_bootstrap, "evaluate": evaluate.run_evaluate}[name]
 
 
+def help_epilog() -> str:
+    """Presets, every config section with its keys and defaults (from the dataclasses), and working examples."""
+    lines = [f"presets: {', '.join(PRESETS)} (default synthetic)", "",
+             "config keys (section.key=value on the command line, or sections in a --config YAML file; "
+             "defaults before the preset):"]
+    top = Config()
+    lines.append("  " + " ".join(f"{f.name}={getattr(top, f.name)!r}" for f in dataclasses.fields(top)
+                                 if not dataclasses.is_dataclass(getattr(top, f.name))))
+    for f in dataclasses.fields(top):
+        section = getattr(top, f.name)
+        if dataclasses.is_dataclass(section):
+            keys = " ".join(f"{k.name}={getattr(section, k.name)!r}".replace("'", "").replace("(", "[")
+                            .replace(")", "]") for k in dataclasses.fields(section))
+            lines.append(f"  {f.name}: {keys}")
+    lines += ["", "examples:", "  python jobs/run_all.py                                  # the synthetic demo",
+              "  python jobs/run_all.py train.lr=2e-4 train.round_epochs=\"[1, 1]\" output=outputs/try",
+              "  python jobs/run_all.py --preset cocostuff27 data.root=/data/coco output=/runs/coco27",
+              "  python jobs/run_all.py --preset voc encoder.weights=/w/dino_deitsmall8_pretrain.pth "
+              "data.root=s3://bucket/voc output=s3://bucket/runs/voc",
+              "", "A mistake (key, value, path, label file) is one line on stderr and exit status 2 "
+              "before Ray or MLflow start; --debug shows the traceback."]
+    return "\n".join(lines)
+
+
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Overrides are section.key=value, e.g. train.lr=2e-4 cluster.k_fg=12.")
+                                     epilog=help_epilog())
     parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config.py)")
     parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
     parser.add_argument("--profile", choices=("reference", "paper"), help="reference (default) or paper")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration error")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars on the console")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_intermixed_args(argv)
 
 
 def prepare(args: argparse.Namespace) -> Config:
-    """Load the config, make local outputs absolute (Ray workers run elsewhere), check the output folder."""
+    """Load the config and make local paths absolute (Ray workers run elsewhere)."""
     cfg = load_config(args.config, args.overrides, preset=args.preset, profile=args.profile)
     if "://" not in cfg.output:
         cfg.output = os.path.abspath(cfg.output)
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = os.path.abspath(cfg.data.root)
-    cfg.encoder = resolve_encoder(cfg.encoder)
     return cfg
+
+
+def preflight(args: argparse.Namespace, stages: Sequence[str]) -> tuple[Config, str]:
+    """Config, paths, data, labels and weights checked before Ray or MLflow start; a mistake exits 2 with one line
+    on stderr. Returns the config and what the weights are: `dino`, `random` or `random-fallback`."""
+    try:
+        cfg = prepare(args)
+        from transfgu_dist import preflight as checks
+        from transfgu_dist.datasets import DatasetLayoutError
+        from transfgu_dist.encoder import EncoderLoadError, resolve_encoder
+        from transfgu_dist.images import BadImageError
+        from transfgu_dist.label_maps import LabelMapError
+
+        try:
+            checks.check(cfg, list(stages))
+            wanted = cfg.encoder.weights
+            cfg.encoder = resolve_encoder(cfg.encoder)
+            check_output(cfg, stages)
+        except (DatasetLayoutError, EncoderLoadError, BadImageError, LabelMapError, storage.StorageError) as e:
+            raise ConfigError(str(e)) from e
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        raise SystemExit(2) from None
+    weights = "dino" if cfg.encoder.weights != "random" else "random" if wanted == "random" else "random-fallback"
+    return cfg, weights
 
 
 def check_output(cfg: Config, stages: Sequence[str]) -> None:
@@ -96,6 +148,8 @@ def log_stage(cfg: Config, name: str, result: Any, seconds: float) -> None:
         mlflow.log_dict(result, "bootstrap_manifest.json")
     elif name == "evaluate":
         mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]})
+        from transfgu_dist import tracking
+
         tracking.log_outputs(storage.join(cfg.output, "evaluate"), "evaluate")
 
 
@@ -103,14 +157,16 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, argv)
-    cfg = prepare(args)
+    cfg, weights = preflight(args, stages)
+    from transfgu_dist import tracking
     from transfgu_dist.stages.common import init_ray
 
-    init_ray(args.address)
-    ensure_synthetic(cfg)
-    check_output(cfg, stages)
+    init_ray(args.address, verbose=args.verbose)
     results, timings = {}, {}
-    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
+    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all") as parent:
+        import mlflow
+
+        mlflow.set_tag("weights", weights)
         for name in stages:
             with tracking.run(cfg, name, nested=True) as active:
                 start = time.perf_counter()
