@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -147,10 +148,24 @@ def log_stage(cfg: Config, name: str, result: Any, seconds: float) -> None:
         mlflow.set_tag("checkpoint", storage.join(cfg.output, "bootstrap", result["final"]))
         mlflow.log_dict(result, "bootstrap_manifest.json")
     elif name == "evaluate":
-        mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]})
+        mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+                            **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v
+                               for c, v in result.get("per_class_iou", {}).items()}})
         from transfgu_dist import tracking
 
         tracking.log_outputs(storage.join(cfg.output, "evaluate"), "evaluate")
+
+
+def run_summary(results: dict[str, Any], timings: dict[str, float]) -> dict[str, float]:
+    """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
+    out = {"wall_seconds": sum(timings.values())}
+    if "evaluate" in results:
+        out.update(miou=results["evaluate"]["miou"], pixel_accuracy=results["evaluate"]["pixel_accuracy"])
+    epoch = (results.get("bootstrap") or {}).get("metrics") or {}
+    if "best/val/miou" in epoch and "val/miou" in epoch:
+        out.update({"best/val/miou": epoch["best/val/miou"], "best/global_epoch": epoch["best/global_epoch"],
+                    "last/val/miou": epoch["val/miou"]})
+    return out
 
 
 def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -163,12 +178,12 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
 
     init_ray(args.address, verbose=args.verbose)
     results, timings = {}, {}
-    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all") as parent:
+    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
         import mlflow
 
         mlflow.set_tag("weights", weights)
         for name in stages:
-            with tracking.run(cfg, name, nested=True) as active:
+            with tracking.run(cfg, name, nested=True, sections=STAGE_INPUTS[name]) as active:
                 start = time.perf_counter()
                 log.info("stage %s: starting (output %s)", name, cfg.output)
                 if name == "bootstrap":
@@ -178,10 +193,15 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
                 timings[name] = round(time.perf_counter() - start, 1)
                 log_stage(cfg, name, results[name], timings[name])
             log.info("stage %s: done in %.1f s", name, timings[name])
+        summary = run_summary(results, timings)
+        mlflow.log_metrics(summary)
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    if "best/val/miou" in summary:
+        print(f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
+              f"{summary['best/global_epoch']:.0f}), last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
         m = results["evaluate"]
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
-              f"({m['n_images']} val images)")
+              f"({m['n_images']} val images, the last epoch's decoder)")
     print(f"outputs: {cfg.output}\nMLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return {"config": cfg, "results": results, "timings": timings}
