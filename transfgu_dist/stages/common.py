@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,16 @@ def init_ray(address: str | None = None, verbose: bool = True) -> None:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = verbose
         ctx.print_on_execution_start = verbose
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Only warnings from Ray, Ray Data, MLflow and FAISS on the driver's console (their INFO lines stay in Ray's
+    log files), and no deprecation warnings from inside Ray."""
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "faiss"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"ray\.")
 
 
 def keep_idle_workers(seconds: int = 60) -> None:
