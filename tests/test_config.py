@@ -48,3 +48,19 @@ def test_sizes_must_divide_by_the_encoder_patch():
                                "train.image_size=[546, 546]"])
     with pytest.raises(ConfigError, match="key 'encoder.arch' = 'vit_nope'"):
         load_config(overrides=["encoder.arch=vit_nope"])
+
+
+@pytest.mark.parametrize("text", ["2e-4", "1e-4", "1.0e-4"])
+def test_floats_in_any_notation(tmp_path, text):
+    assert load_config(overrides=[f"train.lr={text}"]).train.lr == float(text)
+    f = tmp_path / "lr.yaml"
+    f.write_text(f"train:\n  lr: {text}\nloss:\n  t_bg: {text}\n")
+    cfg = load_config(f)
+    assert cfg.train.lr == cfg.loss.t_bg == float(text)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML .*line \d+"):
+        load_config(f)

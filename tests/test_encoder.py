@@ -151,13 +151,16 @@ def test_wrong_checkpoint_names_the_file(tmp_path):
         build_encoder(EncoderConfig(arch="vit_tiny_test", weights=str(garbage)))
 
 
-def test_fallback_is_explicit(tmp_path, caplog):
-    cfg = EncoderConfig(arch="vit_small_patch8", weights=str(tmp_path / "missing.pth"), random_fallback=True)
-    resolved = resolve_encoder(cfg)
+def test_fallback_only_for_the_default_weights(tmp_path, caplog):
+    # vit_tiny_test has no timm weights: the default source fails at once, and falls back in one warning line
+    resolved = resolve_encoder(EncoderConfig(arch="vit_tiny_test", weights="timm", random_fallback=True))
     assert resolved.arch == "vit_tiny_test" and resolved.weights == "random"
-    assert "FALLING BACK TO A SMALL RANDOM ENCODER" in caplog.text
+    assert "RANDOM ENCODER (vit_tiny_test): encoder 'vit_tiny_test' has no pretrained DINO weights" in caplog.text
+    missing = str(tmp_path / "missing.pth")
+    with pytest.raises(EncoderLoadError, match="missing.pth: encoder checkpoint not found"):  # explicit: no fallback
+        resolve_encoder(EncoderConfig(arch="vit_small_patch8", weights=missing, random_fallback=True))
     with pytest.raises(EncoderLoadError):
-        resolve_encoder(EncoderConfig(arch="vit_small_patch8", weights=str(tmp_path / "missing.pth")))
+        resolve_encoder(EncoderConfig(arch="vit_small_patch8", weights=missing))
 
 
 @pytest.mark.parametrize("arch,kind,scale", [("vit_tiny_test", "dot", 1.0), ("vit_tiny_test", "cosine", 0.125),

@@ -77,13 +77,17 @@ def test_mlflow_tracks_every_stage(run_dir):
     parent = min((r for r in runs if r.info.run_name == "run_all"), key=lambda r: r.info.start_time)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"extract", "cluster", "pseudo_label", "bootstrap", "evaluate"}
+    assert parent.data.params["crops.crop_size"] == "32" and parent.data.tags["weights"] == "random"
     assert children["bootstrap"].data.params["loss.omega2"] == "0.3"
-    history = client.get_metric_history(children["bootstrap"].info.run_id, "val_miou")
+    assert not any(k.startswith(("crops.", "data.")) for k in children["bootstrap"].data.params)  # its keys only
+    history = client.get_metric_history(children["bootstrap"].info.run_id, "val/miou")
     assert [m.step for m in history] == [0, 1]
+    assert not {"round", "epoch", "steps"} & set(children["bootstrap"].data.metrics)
     evaluate = children["evaluate"]
     assert 0 <= evaluate.data.metrics["miou"] <= 1
     files = {a.path for a in client.list_artifacts(evaluate.info.run_id, "evaluate")}
     assert {"evaluate/metrics.json", "evaluate/confusion.png", "evaluate/per_class_iou.png"} <= files
+    assert "evaluate/_SUCCESS.json" not in files
     assert children["bootstrap"].data.tags["checkpoint"].endswith("bootstrap/final.pt")
 
 

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist import lease, storage, tracking
-from transfgu_dist.config import Config, ConfigError, load_config, to_dict
-from transfgu_dist.datasets import ensure_synthetic
-from transfgu_dist.encoder import resolve_encoder
+from transfgu_dist import lease, storage
+from transfgu_dist.config import PRESETS, Config, ConfigError, load_config, to_dict
 
 log = logging.getLogger("transfgu_dist")
 
@@ -41,26 +42,79 @@ def _stage(name: str) -> Callable[[Config], Any]:
             "bootstrap": bootstrap.run_bootstrap, "evaluate": evaluate.run_evaluate}[name]
 
 
+def help_epilog() -> str:
+    """Presets, every config section with its keys and defaults (from the dataclasses), and working examples."""
+    lines = [f"presets: {', '.join(PRESETS)} (default synthetic)", "",
+             "config keys (section.key=value on the command line, or sections in a --config YAML file; "
+             "defaults before the preset):"]
+    top = Config()
+    lines.append("  " + " ".join(f"{f.name}={getattr(top, f.name)!r}" for f in dataclasses.fields(top)
+                                 if not dataclasses.is_dataclass(getattr(top, f.name))))
+    for f in dataclasses.fields(top):
+        section = getattr(top, f.name)
+        if dataclasses.is_dataclass(section):
+            keys = " ".join(f"{k.name}={getattr(section, k.name)!r}".replace("'", "").replace("(", "[")
+                            .replace(")", "]") for k in dataclasses.fields(section))
+            lines.append(f"  {f.name}: {keys}")
+    lines += ["", "examples:", "  python jobs/run_all.py                                  # the synthetic demo",
+              "  python jobs/run_all.py train.lr=2e-4 train.round_epochs=\"[1, 1]\" output=outputs/try",
+              "  python jobs/run_all.py --preset cocostuff27 data.root=/data/coco output=/runs/coco27",
+              "  python jobs/run_all.py --preset voc encoder.weights=/w/dino_deitsmall8_pretrain.pth "
+              "data.root=s3://bucket/voc output=s3://bucket/runs/voc",
+              "", "A mistake (key, value, path, label file) is one line on stderr and exit status 2 "
+              "before Ray or MLflow start; --debug shows the traceback."]
+    return "\n".join(lines)
+
+
 def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Overrides are section.key=value, e.g. train.lr=2e-4 cluster.k_fg=12.")
+                                     epilog=help_epilog())
     parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config.py)")
     parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
     parser.add_argument("--profile", choices=("reference", "paper"), help="reference (default) or paper")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration error")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars on the console")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_intermixed_args(argv)
 
 
 def prepare(args: argparse.Namespace) -> Config:
-    """Load the config, make local outputs absolute (Ray workers run elsewhere), check the output folder."""
+    """Load the config and make local paths absolute (Ray workers run elsewhere)."""
     cfg = load_config(args.config, args.overrides, preset=args.preset, profile=args.profile)
     if "://" not in cfg.output:
         cfg.output = os.path.abspath(cfg.output)
     if cfg.data.root and "://" not in cfg.data.root:
         cfg.data.root = os.path.abspath(cfg.data.root)
-    cfg.encoder = resolve_encoder(cfg.encoder)
     return cfg
+
+
+def preflight(args: argparse.Namespace, stages: Sequence[str]) -> tuple[Config, str]:
+    """Config, paths, data, labels and weights checked before Ray or MLflow start; a mistake exits 2 with one line
+    on stderr. Returns the config and what the weights are: `dino`, `random` or `random-fallback`."""
+    try:
+        cfg = prepare(args)
+        from transfgu_dist import preflight as checks
+        from transfgu_dist.datasets import DatasetLayoutError
+        from transfgu_dist.encoder import EncoderLoadError, resolve_encoder
+        from transfgu_dist.images import BadImageError
+        from transfgu_dist.label_maps import LabelMapError
+
+        try:
+            checks.check(cfg, list(stages))
+            wanted = cfg.encoder.weights
+            cfg.encoder = resolve_encoder(cfg.encoder)
+            lease.hold(cfg.output)  # one driver per output; the second is refused in one line
+            check_output(cfg, stages)
+        except (DatasetLayoutError, EncoderLoadError, BadImageError, LabelMapError, storage.StorageError) as e:
+            raise ConfigError(str(e)) from e
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        raise SystemExit(2) from None
+    weights = "dino" if cfg.encoder.weights != "random" else "random" if wanted == "random" else "random-fallback"
+    return cfg, weights
 
 
 def check_output(cfg: Config, stages: Sequence[str]) -> None:
@@ -109,28 +163,44 @@ def log_stage(cfg: Config, name: str, result: Any, seconds: float) -> None:
         mlflow.set_tag("checkpoint", storage.join(cfg.output, "bootstrap", result["final"]))
         mlflow.log_dict(result, "bootstrap_manifest.json")
     elif name == "evaluate":
-        mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]})
+        mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
+                            **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v
+                               for c, v in result.get("per_class_iou", {}).items()}})
+        from transfgu_dist import tracking
         from transfgu_dist.stages.evaluate import evaluate_dir
 
         tracking.log_outputs(evaluate_dir(cfg), "evaluate")
+
+
+def run_summary(results: dict[str, Any], timings: dict[str, float]) -> dict[str, float]:
+    """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
+    out = {"wall_seconds": sum(timings.values())}
+    if "evaluate" in results:
+        out.update(miou=results["evaluate"]["miou"], pixel_accuracy=results["evaluate"]["pixel_accuracy"])
+    epoch = (results.get("bootstrap") or {}).get("metrics") or {}
+    if "best/val/miou" in epoch and "val/miou" in epoch:
+        out.update({"best/val/miou": epoch["best/val/miou"], "best/global_epoch": epoch["best/global_epoch"],
+                    "last/val/miou": epoch["val/miou"]})
+    return out
 
 
 def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, argv)
-    cfg = prepare(args)
-    lease.hold(cfg.output)  # one driver per output; the second is refused in one line
+    cfg, weights = preflight(args, stages)
+    from transfgu_dist import tracking
     from transfgu_dist.stages.common import init_ray
 
-    init_ray(args.address)
-    ensure_synthetic(cfg)
-    check_output(cfg, stages)
+    init_ray(args.address, verbose=args.verbose)
     tracking.close_orphans(cfg)
     results, timings = {}, {}
     with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
+        import mlflow
+
+        mlflow.set_tag("weights", weights)
         for name in stages:
-            with tracking.run(cfg, name, nested=True) as active:
+            with tracking.run(cfg, name, nested=True, sections=STAGE_INPUTS[name]) as active:
                 start = time.perf_counter()
                 log.info("stage %s: starting (output %s)", name, cfg.output)
                 if name == "bootstrap":
@@ -140,7 +210,12 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
                 timings[name] = round(time.perf_counter() - start, 1)
                 log_stage(cfg, name, results[name], timings[name])
             log.info("stage %s: done in %.1f s", name, timings[name])
+        summary = run_summary(results, timings)
+        mlflow.log_metrics(summary)
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    if "best/val/miou" in summary:
+        print(f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
+              f"{summary['best/global_epoch']:.0f}), last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
         m = results["evaluate"]
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
@@ -163,8 +238,6 @@ def segmenter_job(description: str, job: Callable[[Any, Config, dict[str, str], 
     config unless --config is given), `checkpoint=` (default <run>/bootstrap/final.pt) and `metrics=` (default
     <run>/evaluate/metrics.json when it exists), then `job(seg, cfg, keys, args)`. Other section.key=value
     arguments override the config; a wrong checkpoint, config or path fails in one line."""
-    import sys
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, argv)
     keys = dict(o.split("=", 1) for o in args.overrides if o.split("=", 1)[0] in SEGMENTER_KEYS)
@@ -213,6 +286,7 @@ def run_predict_job(description: str, argv: Sequence[str] | None = None) -> Any:
 
 
 def _export(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> str:
+    from transfgu_dist import tracking
     from transfgu_dist.export import export, log_mlflow_model
 
     uri = export(seg, keys.get("output", storage.join(keys.get("run", cfg.output), "export", "segmenter.pt")))

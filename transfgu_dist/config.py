@@ -5,6 +5,7 @@ Precedence: preset defaults < profile < YAML file < command-line `section.key=va
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -224,8 +225,28 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with floats in any notation: `1e-4`, `2E3`, `1.0e-4` (YAML 1.1 wants a dot and a signed exponent)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse YAML text; a syntax error names `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{where}: not valid YAML ({problem}{at})") from e
+
+
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text)
+    return load_yaml(text, f"command line value '{text}'")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -290,7 +311,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist (expected a YAML file of config sections)")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = load_yaml(p.read_text(), str(p)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping of config sections at the top level")
     cli: dict[str, Any] = {}

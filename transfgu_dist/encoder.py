@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 
 import math
@@ -246,16 +247,32 @@ def _official_to_timm(state: dict[str, torch.Tensor], encoder: ViTEncoder, uri: 
         raise EncoderLoadError(f"{uri}: not an official {encoder.arch} checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _load_timm_dino(encoder: ViTEncoder) -> None:
-    import timm
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the weights hub (so an offline machine fails in one attempt, not after retries)."""
+    import socket
 
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_timm_dino(encoder: ViTEncoder) -> None:
     tag = ARCHS[encoder.arch][4]
     if tag is None:
         raise EncoderLoadError(f"encoder '{encoder.arch}' has no pretrained DINO weights in timm")
+    if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # cached weights still load; no download retries
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         model = timm.create_model(tag, pretrained=True, num_classes=0, dynamic_img_size=True)
     except Exception as e:  # noqa: BLE001 - offline hubs raise many different errors
-        raise EncoderLoadError(f"timm weights '{tag}' could not be loaded ({type(e).__name__}: {e}); "
+        reason = "huggingface.co unreachable and not in the local cache" if os.environ.get("HF_HUB_OFFLINE") \
+            else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise EncoderLoadError(f"timm weights '{tag}' could not be loaded ({reason}); "
                                f"give encoder.weights a local or s3:// DINO checkpoint instead") from e
     encoder.vit.load_state_dict(model.state_dict())
 
@@ -273,14 +290,14 @@ def build_encoder(cfg: EncoderConfig) -> ViTEncoder:
 
 
 def resolve_encoder(cfg: EncoderConfig) -> EncoderConfig:
-    """Check that the configured weights load; with `random_fallback`, fall back LOUDLY to a small random ViT."""
+    """Check that the configured weights load. With `random_fallback` and the default weights (`timm`) only, fall
+    back in one warning line to a small random ViT; an explicit checkpoint path must load."""
     try:
         build_encoder(cfg)
         return cfg
     except EncoderLoadError as e:
-        if not cfg.random_fallback:
+        if not cfg.random_fallback or cfg.weights != "timm":
             raise
-        banner = "!" * 88
-        log.warning("\n%s\n%s\nFALLING BACK TO A SMALL RANDOM ENCODER (vit_tiny_test): the segmentation will be "
-                    "far from what DINO weights give.\n%s", banner, e, banner)
+        log.warning("RANDOM ENCODER (vit_tiny_test): %s; the segmentation will be far from what DINO weights give",
+                    e)
         return EncoderConfig(arch="vit_tiny_test", weights="random")

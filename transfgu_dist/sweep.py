@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from transfgu_dist import storage, tracking
-from transfgu_dist.config import Config, ConfigError, dump_yaml, set_key
+from transfgu_dist.config import Config, ConfigError, dump_yaml, load_yaml, set_key
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"search space {p} does not exist (expected a YAML file like tune_spaces/synthetic.yaml)")
-    doc = yaml.safe_load(p.read_text()) or {}
+    doc = load_yaml(p.read_text(), str(p)) or {}
     unknown = set(doc) - {"preset", "trial", "space", "search"}
     if unknown:
         raise ConfigError(f"{p}: unknown key '{sorted(unknown)[0]}' (known: preset, trial, space, search)")

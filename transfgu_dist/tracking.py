@@ -74,14 +74,20 @@ def use_experiment(cfg: Config) -> str:
 
 
 @contextmanager
-def run(cfg: Config, name: str, nested: bool = False, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run with the full config as params and as `config.yaml`; `run_id` continues an earlier one."""
+def run(cfg: Config, name: str, nested: bool = False, run_id: str | None = None,
+        sections: tuple[str, ...] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run; `run_id` continues an earlier one. A top-level run gets the full config as params and as
+    `config.yaml`; a nested one only the keys of its stage's config `sections`."""
     experiment = use_experiment(cfg)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=name, nested=nested) as active:
         if run_id is None:
             mlflow.set_tag(OUTPUT_TAG, cfg.output)
-            mlflow.log_params(flat_params(cfg))
-            mlflow.log_text(dump_yaml(cfg), "config.yaml")
+            params = flat_params(cfg)
+            if nested and sections is not None:
+                params = {k: v for k, v in params.items() if k.split(".")[0] in sections}
+            mlflow.log_params(params)
+            if not nested:
+                mlflow.log_text(dump_yaml(cfg), "config.yaml")
         yield active
 
 
@@ -99,11 +105,15 @@ def close_orphans(cfg: Config) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
+EPOCH_COUNTERS = {"round", "epoch", "global_epoch", "steps", "resumed_at"}
+
+
 def log_epoch(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Per-epoch metrics from a training worker (no active run there)."""
+    """Per-epoch metrics from a training worker (no active run there), named as reported (`val/miou`, the name
+    the sweeps use too) at step = the global epoch; counters (round, epoch, steps) are not metrics."""
     now = int(time.time() * 1000)
-    numbers = [Metric(k.replace("/", "_"), float(v), now, step) for k, v in metrics.items()
-               if isinstance(v, (int, float))]
+    numbers = [Metric(k, float(v), now, step) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and k.split("/")[-1] not in EPOCH_COUNTERS]
     MlflowClient(uri).log_batch(run_id, metrics=numbers)
 
 
@@ -111,6 +121,8 @@ def log_outputs(uri: str, artifact_path: str, suffixes: tuple[str, ...] = (".jso
     """Copy a stage's result files (local or s3://) into the active run's artifacts."""
     with tempfile.TemporaryDirectory() as d:
         for f in storage.list_files(uri, suffixes):
+            if f.endswith("_SUCCESS.json"):  # the stage's commit marker, not a result
+                continue
             local = Path(d) / f[len(uri):].strip("/")
             local.parent.mkdir(parents=True, exist_ok=True)
             local.write_bytes(storage.read_bytes(f))

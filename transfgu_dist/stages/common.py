@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +20,28 @@ from transfgu_dist.storage import StageOutput
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Connect to the cluster (`address`, RAY_ADDRESS, or `ray job submit`'s) or start a local Ray in-process."""
+def init_ray(address: str | None = None, verbose: bool = True) -> None:
+    """Connect to the cluster (`address`, RAY_ADDRESS, or `ray job submit`'s) or start a local Ray in-process.
+    verbose=False: workers' logs stay in Ray's log files (/tmp/ray/session_latest/logs), no Ray Data progress bars."""
     if not ray.is_initialized():
         keep_idle_workers()
-        ray.init(address=address, log_to_driver=True)
-        ray.data.DataContext.get_current().enable_progress_bars = True
+        if not verbose:
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+            logging.getLogger("ray").setLevel(logging.WARNING)
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = verbose
+        ctx.print_on_execution_start = verbose
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Only warnings from Ray, Ray Data, MLflow and FAISS on the driver's console (their INFO lines stay in Ray's
+    log files), and no deprecation warnings from inside Ray."""
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "faiss"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"ray\.")
 
 
 def keep_idle_workers(seconds: int = 60) -> None:
