@@ -112,9 +112,10 @@ def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int 
     import sys
 
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", f"{stage}.py"), *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
-    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout + proc.stderr
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                          env={**os.environ, **(env or {})})  # one stream: the console as a user sees it, in order
+    assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-9000:]}"
+    return proc.stdout
 
 
 @pytest.fixture(scope="session")

@@ -154,8 +154,7 @@ def test_corrupt_image_is_skipped_counted_and_listed(runs):
         assert storage.read_bytes(storage.join(out, stage, "bad_images.txt")).decode().split() == [CORRUPT]
         manifest = storage.read_json(storage.join(out, stage, "_SUCCESS.json"))
         assert manifest["bad_images"] == [CORRUPT] and manifest["images"] == 12
-    image = f"{out.rsplit('/', 1)[0]}/data/images/train/{CORRUPT}.png"
-    assert f"skipping image: {image}: expected an RGB-convertible image" in runs["log"]
+    # the per-image reason is a worker log line (off the quiet console; its text is pinned in-process below)
     for stage in ("features", "bank"):
         assert f"{out}/{stage}: skipped 1 unreadable images of 13 (listed in {out}/{stage}/bad_images.txt)" \
             in runs["log"]
