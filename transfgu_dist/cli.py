@@ -215,15 +215,12 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     if "best/val/miou" in summary:
         print(f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
-              f"{summary['best/global_epoch']:.0f}), last {100 * summary['last/val/miou']:.2f}")
+              f"{summary['best/global_epoch']:.0f}; the reference protocol reports this epoch: score bootstrap/best.pt "
+              f"with `jobs/evaluate.py eval.checkpoint=best`), last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
         m = results["evaluate"]
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
               f"({m['n_images']} val images, {m['checkpoint']})")
-    best = (results.get("bootstrap") or {}).get("metrics", {}).get("best/val/miou")
-    if best is not None and best >= 0:
-        print(f"best epoch on val: mIoU {100 * best:.2f} (the reference protocol reports this epoch; score its "
-              f"bootstrap/best.pt with `jobs/evaluate.py eval.checkpoint=best`)")
     print(f"outputs: {cfg.output}\nMLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return {"config": cfg, "results": results, "timings": timings}
 
