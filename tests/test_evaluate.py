@@ -17,7 +17,8 @@ from transfgu_dist.config import Config, load_config
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import ARCHS
 from transfgu_dist.stages import evaluate
-from transfgu_dist.stages.evaluate import CheckpointError, class_names, load_decoder, run_evaluate
+from transfgu_dist.segmenter import CheckpointError, load_decoder
+from transfgu_dist.stages.evaluate import class_names, run_evaluate
 
 SIZE = 64
 

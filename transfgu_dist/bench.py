@@ -441,7 +441,7 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
 
     torch = _torch()
     from transfgu_dist.encoder import build_encoder
-    from transfgu_dist.stages.common import autocast
+    from transfgu_dist.segmenter import autocast
     from transfgu_dist.stages.extract import features_output, run_extract
 
     overrides = [f"encoder.arch={size.arch}", f"crops.image_size=[{size.image_size}, {size.image_size}]",
@@ -524,7 +524,7 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
     from transfgu_dist.config import EncoderConfig, PseudoLabelConfig
     from transfgu_dist.encoder import build_encoder
     from transfgu_dist.pseudo_labels import concept_similarity, gradcam, response_maps
-    from transfgu_dist.stages.common import autocast
+    from transfgu_dist.segmenter import autocast
 
     dev = _dev()
     encoder = build_encoder(EncoderConfig(arch=size.arch, weights="random")).to(dev)

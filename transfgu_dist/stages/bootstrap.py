@@ -196,7 +196,7 @@ def _maybe_fail(epoch: int) -> None:
 
 
 def _export(cfg: Config, decoder: dict[str, torch.Tensor], round_: int, name: str) -> None:
-    """Rank 0: a decoder state as `name`, in the checkpoint format evaluate.load_decoder reads."""
+    """Rank 0: a decoder state as `name`, in the checkpoint format segmenter.load_decoder reads."""
     buf = io.BytesIO()
     torch.save({"decoder": decoder, "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder), "round": round_}, buf)
     bootstrap_output(cfg).write_part(name, buf.getvalue())

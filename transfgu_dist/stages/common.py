@@ -14,7 +14,6 @@ import torch
 from transfgu_dist import parts, storage
 from transfgu_dist.datasets import Sample
 from transfgu_dist.images import BadImageError, decode_image, to_float_batch
-from transfgu_dist.segmenter import autocast  # noqa: F401 - the stages' bf16 autocast
 from transfgu_dist.storage import StageOutput
 
 log = logging.getLogger(__name__)
@@ -100,13 +99,14 @@ class StageReport:
 
 
 def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
-                    actor_kwargs: dict[str, Any], images_per_task: int, images_per_part: int, extra_manifest: dict[str, Any]) -> StageReport:
+                    actor_kwargs: dict[str, Any], images_per_task: int, images_per_part: int,
+                    extra_manifest: dict[str, Any]) -> StageReport:
     """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
 
     Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
     GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
-    writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part covers, and each
-    image is left in exactly one part before the commit (parts.deduplicate).
+    writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part
+    covers, and each image is left in exactly one part before the commit (parts.deduplicate).
     """
     if out.is_committed():
         m = out.manifest()
@@ -126,7 +126,8 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
     done, bad = parts.covered(cover)
     missing = parts.pending(samples, cover)
     if missing:
-        raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, e.g. {[s.image_id for s in missing[:3]]}")
+        raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, "
+                           f"e.g. {[s.image_id for s in missing[:3]]}")
     if bad:
         listed = storage.join(out.uri, "bad_images.txt")
         storage.write_bytes(listed, "\n".join(sorted(bad)).encode())

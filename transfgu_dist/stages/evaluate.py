@@ -22,7 +22,7 @@ from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import BadImageError, decode_label, resize_labels
 from transfgu_dist.label_maps import class_names as table_class_names, remap_label, table_name
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
-from transfgu_dist.segmenter import CheckpointError, load_decoder, predict  # noqa: F401 - CheckpointError re-exported
+from transfgu_dist.segmenter import load_decoder, predict
 from transfgu_dist.stages.common import actor_device, actor_pool, images_to_device, load_images
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.viz import confusion_matrix_png, overlay_panel, per_class_iou_png

@@ -17,7 +17,8 @@ from transfgu_dist.crops import (DROP, FG, classify_windows_batch, cut_crops, fg
 from transfgu_dist.datasets import inputs_root, list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
-from transfgu_dist.stages.common import StageReport, actor_device, autocast, images_to_device, run_image_stage
+from transfgu_dist.segmenter import autocast
+from transfgu_dist.stages.common import StageReport, actor_device, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
 
 

@@ -18,7 +18,8 @@ from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.pseudo_labels import gradcam
 from transfgu_dist.stages.cluster import load_concepts
-from transfgu_dist.stages.common import StageReport, actor_device, autocast, images_to_device, run_image_stage
+from transfgu_dist.segmenter import autocast
+from transfgu_dist.stages.common import StageReport, actor_device, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
 
 
