@@ -31,7 +31,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 RESOURCE_KEYS = {"crops.batch_size", "crops.images_per_task", "crops.images_per_part", "pseudo.batch_size",
                  "pseudo.images_per_part", "train.num_workers",
                  "train.cpus_per_worker", "train.use_gpu", "train.max_failures", "eval.batch_size",
-                 "eval.checkpoint"}  # eval.checkpoint picks another output folder (evaluate.evaluate_dir)
+                 "eval.checkpoint", "eval.crf"}  # these pick another output folder (evaluate.evaluate_dir)
 
 
 def _stage(name: str) -> Callable[[Config], Any]:
@@ -226,7 +226,11 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
 
 
 
-SEGMENTER_KEYS = ("run", "input", "output", "checkpoint", "metrics", "crf")
+SEGMENTER_KEYS = ("run", "input", "output", "checkpoint", "metrics", "crf", "stride", "probs", "torchscript")
+
+
+def _flag(keys: dict[str, str], name: str) -> bool:
+    return keys.get(name, "false").lower() in ("1", "true", "yes")
 
 
 def segmenter_job(description: str, job: Callable[[Any, Config, dict[str, str], argparse.Namespace], Any],
@@ -257,10 +261,16 @@ def segmenter_job(description: str, job: Callable[[Any, Config, dict[str, str], 
         if "metrics" not in keys and not storage.exists(metrics):
             metrics = None
         seg = Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics)
-        if keys.get("crf", "false").lower() in ("1", "true", "yes"):
+        if _flag(keys, "crf"):
             from transfgu_dist.crf import CRFConfig
 
             seg.crf = CRFConfig()
+        if "stride" in keys:  # sliding-window inference with windows of the training input size
+            from transfgu_dist.segmenter import SlidingWindow
+
+            if not keys["stride"].isdigit() or int(keys["stride"]) < 1:
+                raise ValueError(f"stride={keys['stride']}: expected the sliding-window step in pixels, an integer >= 1")
+            seg.sliding = SlidingWindow(tuple(cfg.train.image_size), int(keys["stride"]))
         if "output" in keys and "://" not in keys["output"]:
             keys["output"] = os.path.abspath(keys["output"])
         return job(seg, cfg, keys, args)
@@ -273,7 +283,7 @@ def _predict(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespa
     from transfgu_dist.stages.predict import run_predict
 
     init_ray(args.address)
-    report = run_predict(seg, keys["input"], keys["output"], batch_size=cfg.eval.batch_size)
+    report = run_predict(seg, keys["input"], keys["output"], batch_size=cfg.eval.batch_size, probs=_flag(keys, "probs"))
     print(report.summary())
     return report
 
@@ -284,9 +294,11 @@ def run_predict_job(description: str, argv: Sequence[str] | None = None) -> Any:
 
 def _export(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> str:
     from transfgu_dist import tracking
-    from transfgu_dist.export import export, log_mlflow_model
+    from transfgu_dist.export import export, export_torchscript, log_mlflow_model
 
     uri = export(seg, keys.get("output", storage.join(keys.get("run", cfg.output), "export", "segmenter.pt")))
+    if _flag(keys, "torchscript"):
+        print(f"TorchScript: {export_torchscript(seg, uri.removesuffix('.pt') + '.torchscript.pt')}")
     with tracking.run(cfg, "export"):
         model_uri = log_mlflow_model(seg)
     print(f"exported {uri}\nMLflow model: {model_uri}")

@@ -142,6 +142,7 @@ class EvalConfig:
     n_overlays: int = 8
     checkpoint: str = ""                # "" = bootstrap/final.pt (last epoch), "best" = bootstrap/best.pt (best
                                         # epoch on val, the reference protocol's pick), or a checkpoint URI
+    crf: bool = False                   # dense-CRF refinement before scoring (crf.py; the paper reports without)
 
 
 @dataclass

@@ -62,13 +62,13 @@ def dino_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     is resized by plain bicubic (align_corners False, no antialias) with scale factors ((h + 0.1)/n, (w + 0.1)/n),
     the factors themselves (not recomputed from the output size) mapping output to input coordinates.
     """
-    n = math.isqrt(table.shape[1] - 1)
-    if tuple(grid) == (n, n):
+    n, grid = math.isqrt(table.shape[1] - 1), (int(grid[0]), int(grid[1]))  # ints: constants when traced
+    if grid == (n, n):
         return table
     patch = table[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
     patch = F.interpolate(patch, scale_factor=((grid[0] + 0.1) / n, (grid[1] + 0.1) / n), mode="bicubic",
                           align_corners=False)
-    assert tuple(patch.shape[-2:]) == tuple(grid), (patch.shape, grid)
+    assert tuple(patch.shape[-2:]) == grid, (patch.shape, grid)
     return torch.cat([table[:, :1], patch.flatten(2).transpose(1, 2)], dim=1)
 
 

@@ -3,18 +3,22 @@
 The artifact (Segmenter.artifact: decoder weights and config, the encoder's arch and weights source, the eval
 size, class names and matching) reloads with `Segmenter.from_checkpoint(uri)` without the training config. The
 MLflow model is a pyfunc wrapping that file: `mlflow.pyfunc.load_model(uri).predict(image)` gives label maps.
+Optionally encoder + decoder are traced to TorchScript at the eval size (export_torchscript).
 """
 from __future__ import annotations
 
 import io
 import os
 import tempfile
+import warnings
 from typing import Any
 
-import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from transfgu_dist import storage
+from transfgu_dist.images import normalize
 from transfgu_dist.segmenter import Segmenter
 
 try:
@@ -28,6 +32,34 @@ def export(seg: Segmenter, uri: str) -> str:
     buf = io.BytesIO()
     torch.save(seg.artifact(), buf)
     storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+class SegmenterNet(nn.Module):
+    """Encoder + decoder as one float32 module: float (B, 3, H, W) in [0, 1] at the eval size -> cluster logits
+    (B, K, H, W) at that size (Eq. 2, upsampled bilinearly as sec 7.1); argmax over K gives the cluster ids."""
+
+    def __init__(self, seg: Segmenter):
+        super().__init__()
+        self.encoder, self.decoder, self.size = seg.encoder, seg.decoder, tuple(seg.image_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.encoder(normalize(images)).patch).logits
+        return F.interpolate(logits, size=self.size, mode="bilinear", align_corners=False)
+
+
+def export_torchscript(seg: Segmenter, uri: str) -> str:
+    """Trace SegmenterNet on CPU at the eval size (the input size is then fixed; the batch size is not) and
+    write it to `uri` (torch.jit.load reads it without this package); returns `uri`."""
+    net = SegmenterNet(seg).cpu().eval()
+    example = torch.rand(2, 3, *seg.image_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings: the shape-dependent branches are constant at this size
+        traced = torch.jit.trace(net, example, check_trace=False)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    seg.to(seg.device)
     return uri
 
 

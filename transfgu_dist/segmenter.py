@@ -78,10 +78,64 @@ def cluster_logits(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.
 
 
 @torch.no_grad()
-def predict(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax (sec 7.1)."""
-    logits = cluster_logits(encoder, decoder, images)
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).cpu().numpy()
+def predict(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, size: tuple[int, int],
+            crf: CRFConfig | None = None) -> np.ndarray:
+    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax (sec 7.1);
+    `crf` refines each image's upsampled logits with the dense CRF first (images must then be at `size`)."""
+    logits = F.interpolate(cluster_logits(encoder, decoder, images), size=size, mode="bilinear", align_corners=False)
+    if crf is not None:
+        rgb = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        logits = torch.stack([dense_crf(im, lg, crf) for im, lg in zip(rgb, logits)])
+    return logits.argmax(1).cpu().numpy()
+
+
+@dataclass
+class SlidingWindow:
+    """Sliding-window inference (off by default: images are resized to the eval size, as evaluation does).
+    Windows of the training input size (`train.image_size`) at `stride` cover the image at its own resolution
+    (upscaled, aspect kept, when a side is shorter than the window); overlapping logits are averaged."""
+    window: tuple[int, int] = (320, 320)
+    stride: int = 160
+    batch_size: int = 16      # windows per forward
+
+
+def window_origins(size: tuple[int, int], window: tuple[int, int], stride: int) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the windows covering `size` (>= window): every `stride`, the last at the edge."""
+    if stride < 1:
+        raise ValueError(f"sliding-window stride must be >= 1 pixel, got {stride}")
+    axes = []
+    for n, w in zip(size, window):
+        starts = list(range(0, n - w + 1, stride))
+        axes.append(starts if starts[-1] == n - w else starts + [n - w])
+    return [(y, x) for y in axes[0] for x in axes[1]]
+
+
+@torch.no_grad()
+def sliding_logits(encoder: ViTEncoder, decoder: MaskTransformer, image: np.ndarray, sw: SlidingWindow,
+                   device: torch.device) -> torch.Tensor:
+    """(K, H, W) logits at the size of `image` (H, W, 3) uint8: each window's logits upsampled to the window,
+    averaged over the windows covering each pixel, resized back when the image was upscaled."""
+    (H, W), (wh, ww) = image.shape[:2], sw.window
+    scale = max(1.0, wh / H, ww / W)
+    size = (max(wh, round(H * scale)), max(ww, round(W * scale)))
+    x = to_float_batch(image, size).to(device)[0]
+    origins = window_origins(size, sw.window, sw.stride)
+    total = count = None
+    for i in range(0, len(origins), sw.batch_size):
+        chunk = origins[i:i + sw.batch_size]
+        crops = torch.stack([x[:, y:y + wh, c:c + ww] for y, c in chunk])
+        up = F.interpolate(cluster_logits(encoder, decoder, crops), size=(wh, ww), mode="bilinear",
+                           align_corners=False)
+        if total is None:
+            total = up.new_zeros((up.shape[1], *size))
+            count = up.new_zeros(size)
+        for (y, c), lg in zip(chunk, up):
+            total[:, y:y + wh, c:c + ww] += lg
+            count[y:y + wh, c:c + ww] += 1
+    logits = total / count
+    if size == (H, W):
+        return logits
+    return F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
 
 
 def _as_uint8_rgb(image: Any) -> np.ndarray:
@@ -112,6 +166,7 @@ class Segmenter:
     matching: np.ndarray | None = None              # (K,) class id per cluster or -1 (evaluate's metrics.json)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     crf: CRFConfig | None = None                    # dense-CRF refinement at each image's size (off: None)
+    sliding: SlidingWindow | None = None            # sliding-window inference (off: resize to image_size)
 
     @classmethod
     def from_checkpoint(cls, uri: str, cfg: Config | None = None, metrics: str | None = None,
@@ -172,21 +227,27 @@ class Segmenter:
         single = hasattr(images, "convert") or (hasattr(images, "ndim") and images.ndim in (2, 3))
         images = [images] if single else list(images)
         rgb = [_as_uint8_rgb(im) for im in images]
-        logits = self.logits(rgb)
-        return [self.labels(lg, im) for lg, im in zip(logits, rgb)]
+        grids = self.logits(rgb) if self.sliding is None else [None] * len(rgb)
+        return [self.labels(self.scores(im, grid)) for grid, im in zip(grids, rgb)]
 
-    def labels(self, logits: torch.Tensor, image: np.ndarray) -> np.ndarray:
-        """One image's (K, h, w) logits -> its label map at the size of `image` (CRF-refined when configured)."""
-        if self.crf is None:
-            return self.to_classes(upsample_argmax(logits, image.shape[:2]))
-        up = F.interpolate(logits[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]
-        return self.to_classes(dense_crf(image, up, self.crf).argmax(0).cpu().numpy())
+    def scores(self, image: np.ndarray, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """(K, H, W) per-cluster scores at the size of `image` (uint8 HWC): logits (sliding-window, or the
+        patch-grid `grid` logits upsampled bilinearly, align_corners=False, as sec 7.1), or the CRF's
+        probabilities when a CRF is configured."""
+        if self.sliding is not None:
+            up = sliding_logits(self.encoder, self.decoder, image, self.sliding, self.device)
+        else:
+            grid = self.logits([image])[0] if grid is None else grid
+            up = F.interpolate(grid[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        return up if self.crf is None else dense_crf(image, up, self.crf)
 
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cluster probabilities (K, H, W) from `scores()`."""
+        return scores if self.crf is not None else scores.softmax(0)
 
-def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """One image's (K, h, w) logits -> cluster ids at `size` (bilinear, align_corners=False, as sec 7.1)."""
-    up = F.interpolate(logits[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return up[0].argmax(0).cpu().numpy()
+    def labels(self, scores: torch.Tensor) -> np.ndarray:
+        """The label map (uint8) of one image's `scores()`: argmax, through the matching."""
+        return self.to_classes(scores.argmax(0).cpu().numpy())
 
 
 def read_matching(uri: str, n_outputs: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import ray
 
 from transfgu_dist import storage, synthetic
 from transfgu_dist.config import Config
+from transfgu_dist.crf import CRFConfig
 from transfgu_dist.datasets import Sample, data_root, list_samples
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import build_encoder
@@ -39,8 +40,10 @@ def default_checkpoint(cfg: Config) -> str:
 
 
 def evaluate_dir(cfg: Config) -> str:
-    """`<output>/evaluate` for final.pt; `<output>/evaluate-<name>` for any other checkpoint (kept apart)."""
+    """`<output>/evaluate` for final.pt; `<output>/evaluate-<name>` for any other checkpoint, `-crf` appended
+    with eval.crf (kept apart)."""
     name = "" if not cfg.eval.checkpoint else cfg.eval.checkpoint.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
+    name = "-".join(n for n in (name, "crf" if cfg.eval.crf else "") if n)
     return storage.join(cfg.output, f"evaluate-{name}" if name else "evaluate")
 
 
@@ -86,10 +89,11 @@ class Predictor:
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         self.decoder = decoder.to(self.dev).eval()
         self.size, self.n_classes, self.overlay_ids = tuple(cfg.eval.image_size), cfg.data.n_classes, overlay_ids
+        self.crf = CRFConfig() if cfg.eval.crf else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok, gt = batch["ok"], batch["gt"]
-        pred = predict(self.encoder, self.decoder, images_to_device(batch, self.dev), self.size)
+        pred = predict(self.encoder, self.decoder, images_to_device(batch, self.dev), self.size, self.crf)
         shown = ok & np.isin(batch["image_id"], list(self.overlay_ids))
         return {"confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_classes, IGNORE)[None],
                 "n_images": np.array([ok.sum()]),
