@@ -1,6 +1,7 @@
 """Applying a trained segmenter: the predict stage on odd images (local and S3), the Python API, the export."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -13,13 +14,15 @@ from PIL import Image
 
 from conftest import ROOT, boto3_s3
 from transfgu_dist import storage
-from transfgu_dist.cli import parse_args, prepare
+from transfgu_dist import tracking
+from transfgu_dist.cli import parse_args, prepare, run_export_job
 from transfgu_dist.datasets import list_samples
-from transfgu_dist.export import export
+from transfgu_dist.export import SegmenterNet, export
 from transfgu_dist.images import decode_image
-from transfgu_dist.segmenter import CheckpointError, Segmenter, predict
+from transfgu_dist.segmenter import CheckpointError, Segmenter, SlidingWindow, predict
 from transfgu_dist.stages.common import images_to_device, load_images
-from transfgu_dist.stages.predict import run_predict
+from transfgu_dist.stages.evaluate import run_evaluate
+from transfgu_dist.stages.predict import read_probs, run_predict
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +109,49 @@ def test_predict_job_wrong_checkpoint_fails_in_one_line(e2e_run, tmp_path):
     proc = subprocess.run([sys.executable, f"{ROOT}/jobs/predict.py", f"run={e2e_run}", f"checkpoint={wrong}",
                            f"input={tmp_path}", f"output={tmp_path / 'out'}"], capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(f"{wrong}: expected a bootstrap")
+
+
+def test_export_job_mlflow_pyfunc_and_torchscript_equal_eager(trained, e2e_run, tmp_path):
+    import mlflow
+
+    cfg, seg = trained
+    out = run_export_job("", [f"run={e2e_run}", f"output={tmp_path / 'segmenter.pt'}", "torchscript=true"])
+    image = np.random.default_rng(2).integers(0, 255, (50, 70, 3), np.uint8)
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))  # the run's own local store, where the job logged it
+    model = mlflow.pyfunc.load_model(out["mlflow_model"])
+    np.testing.assert_array_equal(model.predict(image)[0], seg.segment(image)[0])
+    traced = torch.jit.load(out["torchscript"])
+    x = torch.rand(3, 3, *seg.image_size)  # traced at batch 2: the batch size is free, the input size fixed
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), SegmenterNet(seg)(x), rtol=0, atol=1e-5)
+
+
+def test_predict_probs_parquet_with_sliding_windows(trained, local_ray, tmp_path):
+    cfg, seg = trained
+    seg = dataclasses.replace(seg, sliding=SlidingWindow(tuple(cfg.train.image_size), stride=16))
+    src, out = tmp_path / "in", str(tmp_path / "out")
+    src.mkdir()
+    shapes = {"big": (100, 150), "portrait": (40, 24)}
+    for name, (h, w) in shapes.items():
+        Image.fromarray(np.random.default_rng(h).integers(0, 255, (h, w, 3), np.uint8)).save(src / f"{name}.png")
+    assert run_predict(seg, str(src), out, batch_size=2, probs=True).processed == 2
+    probs, n = read_probs(out), seg.decoder.n_classes
+    parts = sorted((tmp_path / "out" / "probs").iterdir())
+    classes = seg.to_classes(np.arange(n))  # cluster -> class id of the label PNG
+    for name, (h, w) in shapes.items():
+        p, labels = probs[name], np.array(Image.open(tmp_path / "out" / "labels" / f"{name}.png"))
+        assert p.dtype == np.float16 and p.shape == (n, h, w) and labels.shape == (h, w)
+        np.testing.assert_allclose(p.astype(np.float32).sum(0), 1, atol=1e-2)
+        top = p == p.max(0)  # the argmax; fp16 may tie the top two, the label's cluster is then one of them
+        assert (top & (classes[:, None, None] == labels)).any(0).all()
+        assert (classes[p.argmax(0)] == labels)[top.sum(0) == 1].all()
+    assert run_predict(seg, str(src), out, probs=True).processed == 0
+    assert sorted((tmp_path / "out" / "probs").iterdir()) == parts  # a rerun writes nothing
+
+
+def test_evaluate_with_crf_kept_apart(e2e_run, local_ray):
+    cfg = prepare(parse_args("", [f"--config={e2e_run / 'config.yaml'}", "eval.crf=true"]))
+    refined = run_evaluate(cfg)
+    plain = storage.read_json(str(e2e_run / "evaluate" / "metrics.json"))
+    assert (e2e_run / "evaluate-crf" / "_SUCCESS.json").exists() and 0 <= refined["miou"] <= 1
+    assert refined["n_images"] == plain["n_images"] and refined["checkpoint"] == plain["checkpoint"]

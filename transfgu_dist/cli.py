@@ -292,18 +292,19 @@ def run_predict_job(description: str, argv: Sequence[str] | None = None) -> Any:
     return segmenter_job(description, _predict, ("input", "output"), argv)
 
 
-def _export(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> str:
+def _export(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
     from transfgu_dist import tracking
     from transfgu_dist.export import export, export_torchscript, log_mlflow_model
 
-    uri = export(seg, keys.get("output", storage.join(keys.get("run", cfg.output), "export", "segmenter.pt")))
+    out = {"artifact": export(seg, keys.get("output", storage.join(keys.get("run", cfg.output), "export",
+                                                                     "segmenter.pt")))}
     if _flag(keys, "torchscript"):
-        print(f"TorchScript: {export_torchscript(seg, uri.removesuffix('.pt') + '.torchscript.pt')}")
+        out["torchscript"] = export_torchscript(seg, out["artifact"].removesuffix(".pt") + ".torchscript.pt")
     with tracking.run(cfg, "export"):
-        model_uri = log_mlflow_model(seg)
-    print(f"exported {uri}\nMLflow model: {model_uri}")
-    return uri
+        out["mlflow_model"] = log_mlflow_model(seg)
+    print("\n".join(f"{k}: {v}" for k, v in out.items()))
+    return out
 
 
-def run_export_job(description: str, argv: Sequence[str] | None = None) -> str:
+def run_export_job(description: str, argv: Sequence[str] | None = None) -> dict[str, str]:
     return segmenter_job(description, _export, (), argv)

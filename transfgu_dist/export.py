@@ -53,11 +53,10 @@ def export_torchscript(seg: Segmenter, uri: str) -> str:
     write it to `uri` (torch.jit.load reads it without this package); returns `uri`."""
     net = SegmenterNet(seg).cpu().eval()
     example = torch.rand(2, 3, *seg.image_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings: the shape-dependent branches are constant at this size
-        traced = torch.jit.trace(net, example, check_trace=False)
     buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings (the shape-dependent branches are constant at this size)
+        torch.jit.save(torch.jit.trace(net, example, check_trace=False), buf)  # and torch.jit's deprecation
     storage.write_bytes(uri, buf.getvalue())
     seg.to(seg.device)
     return uri
