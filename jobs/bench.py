@@ -5,7 +5,7 @@
     python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
-See transfgu_dist/bench.py for what each figure means and docs/performance.md for measured numbers.
+See transfgu_dist/bench.py (and its bench_* modules) for what each figure means and docs/performance.md for measured numbers.
 """
 from __future__ import annotations
 

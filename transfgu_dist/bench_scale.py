@@ -21,12 +21,12 @@ SCALE_IMAGES_PER_PART = 256  # the crops.images_per_part default
 
 def scale_row(n: int, workdir: Path) -> dict[str, Any]:
     from transfgu_dist import parts
-    from transfgu_dist.bench import _config, _write_images
+    from transfgu_dist.bench_env import bench_config, write_images
     from transfgu_dist.datasets import list_samples
     from transfgu_dist.stages.extract import features_output, run_extract
 
-    _write_images(workdir / "data", n, 64)
-    cfg = _config(workdir, f"scale_{n}", ["encoder.arch=vit_tiny_test", "crops.image_size=[64, 64]",
+    write_images(workdir / "data", n, 64)
+    cfg = bench_config(workdir, f"scale_{n}", ["encoder.arch=vit_tiny_test", "crops.image_size=[64, 64]",
                                           "crops.crop_size=32", f"data.synthetic_train={n}", f"data.limit={n}",
                                           f"crops.images_per_part={SCALE_IMAGES_PER_PART}"])
     start = time.perf_counter()
@@ -49,7 +49,7 @@ def scale_row(n: int, workdir: Path) -> dict[str, Any]:
 
 
 def run_scale(ns: Sequence[int], workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    from transfgu_dist.bench import device_name, ensure_ray
+    from transfgu_dist.bench_env import device_name, ensure_ray
 
     ensure_ray()
     rows = []
