@@ -3,6 +3,7 @@
     python jobs/bench.py [--only extract,pseudo_label,cluster,bootstrap] [--size tiny|small|full] [--out FILE]
     python jobs/bench.py --size scale [--scale-n 500,2000,8000]   # pipeline overheads vs image count (issue 15)
     python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
+    python jobs/bench.py --size backbones [--archs A,B] [--divide N]  # each backbone vs DINO ViT-S/8 (issue 13); no Ray
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
 See transfgu_dist/bench.py (and its bench_* modules) for what each figure means and docs/performance.md for measured numbers.
@@ -14,7 +15,7 @@ import contextlib
 import json
 import sys
 
-SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale"), ("tiny", "full")
+SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale", "backbones"), ("tiny", "full")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "cluster, bootstrap)")
     parser.add_argument("--size", choices=SIZES, help="problem sizes (default: small; --device-only: full)")
     parser.add_argument("--scale-n", default="500,2000", help="--size scale: image counts (default: 500,2000)")
+    parser.add_argument("--archs", help="--size backbones: encoder.arch names, the first one the reference "
+                        "(default: DINO ViT-S/8, then DINOv2, DINOv2-reg4 and DINOv3 ViT-S and ViT-B)")
+    parser.add_argument("--divide", type=int, default=1,
+                        help="--size backbones: divide every preset side by this (a 40 x 40 grid becomes 40/N)")
     parser.add_argument("--device-only", action="store_true",
                         help="the model hot paths on one device, importing neither Ray, FAISS nor MLflow")
     parser.add_argument("--repeats", type=int, help="timed repeats of in-process measurements (default: per size)")
@@ -39,6 +44,17 @@ def main(argv: list[str] | None = None) -> dict:
         from transfgu_dist.bench_device import run_device
 
         return _emit(run_device(args.size or "full", log), args.out)
+    if args.size == "backbones":
+        from transfgu_dist.bench_backbones import BACKBONES, run_backbones
+
+        from transfgu_dist.encoder import ARCHS
+
+        archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else list(BACKBONES)
+        if set(archs) - set(ARCHS):
+            parser.error(f"unknown arch(s) {', '.join(sorted(set(archs) - set(ARCHS)))} (known: {', '.join(ARCHS)})")
+        with contextlib.redirect_stdout(sys.stderr):
+            doc = run_backbones(archs, args.repeats, args.divide, log)
+        return _emit(doc, args.out)
     if args.size == "scale":
         import tempfile
         from pathlib import Path

@@ -5,6 +5,7 @@ private local Ray and two Ray Train runs in a subprocess, so they are marked slo
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -17,6 +18,14 @@ import pytest
 from transfgu_dist import bench
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_job():
+    """jobs/bench.py as a module (jobs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_job", ROOT / "jobs" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def positive(x) -> bool:
@@ -98,3 +107,30 @@ def test_device_only_bench_imports_no_ray_faiss_mlflow(tmp_path):
             "encoder_forward_32px_x8"} == set(doc["paths"])
     for name, path in doc["paths"].items():
         assert positive(path["seconds"]) and positive(path["gflop"]) and positive(path["fraction_of_peak"]), name
+
+
+def test_backbones_mode_tiny_families(tmp_path):
+    """`--size backbones` on the tiny member of each family: per-item extract and Grad-CAM seconds, FLOPs, peak
+    memory and the ratios against the first arch (the reference, 1.0 against itself), written as JSON."""
+    job = bench_job()
+    archs = ["vit_tiny_test", "dinov2_tiny_test", "dinov2_reg4_tiny_test", "dinov3_tiny_test"]
+    doc = job.main(["--size", "backbones", "--archs", ",".join(archs), "--repeats", "1", "--divide", "4", "--out",
+                    str(tmp_path / "b.json")])
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["reference"] == "vit_tiny_test" and list(doc["backbones"]) == archs and doc["sizes"]["k"] == 27
+    for arch, row in doc["backbones"].items():
+        assert {"patch", "dim", "crop_size", "gradcam_size", "prefix_tokens", "s_per_item", "vs_reference",
+                "gflop_per_item", "gflop_vs_reference", "memory"} <= set(row), arch
+        assert row["crop_size"] % row["patch"] == 0 and row["gradcam_size"] // row["patch"] == 10
+        for name in ("extract", "gradcam"):
+            assert positive(row["s_per_item"][name]) and positive(row["vs_reference"][name]), (arch, name)
+            assert positive(row["gflop_per_item"][name]) and positive(row["memory"][name]["driver_peak_rss_mb"])
+    ref = doc["backbones"]["vit_tiny_test"]
+    assert ref["vs_reference"] == {"extract": 1.0, "gradcam": 1.0} and len(ref["runs_s_per_item"]["extract"]) == 2
+    assert doc["backbones"]["dinov3_tiny_test"]["prefix_tokens"] == 5
+
+
+def test_backbones_mode_rejects_unknown_arch():
+    with pytest.raises(SystemExit) as e:
+        bench_job().main(["--size", "backbones", "--archs", "vit_small_patch8,nope"])
+    assert e.value.code == 2

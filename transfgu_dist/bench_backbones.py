@@ -1,0 +1,129 @@
+"""`jobs/bench.py --size backbones`: each backbone's extract and Grad-CAM cost against DINO ViT-S/8 (issue 13).
+
+Every family is built at its real size with seeded random weights (no download) and run at the sizes its preset
+uses: the extract forward on crops (Eq. 3; `encoder(crops, with_patch=False)`) and the batched Grad-CAM at K = 27
+(Eqs 5-8; one forward and one batched backward), both under bf16 autocast on GPU (fp32 on CPU). The reference (the
+first arch, DINO ViT-S/8 by default) is timed before and after the others and its runs pooled, so drifting load
+on shared cores hits the ratios alike. No Ray, FAISS or MLflow is imported.
+"""
+from __future__ import annotations
+
+import dataclasses
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+BACKBONES = ("vit_small_patch8", "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+             "vit_small_patch16_dinov3", "vit_base_patch14_dinov2", "vit_base_patch14_reg4_dinov2",
+             "vit_base_patch16_dinov3")
+# patch -> (crop side of extract, image side of Grad-CAM): the README's presets, a 40 x 40 Grad-CAM grid each
+PRESET_SIDES = {8: (320, 320), 14: (280, 560), 16: (320, 640)}
+
+
+@dataclass(frozen=True)
+class BackboneSize:
+    crop_batch: int   # crops per extract forward
+    cam_batch: int    # images per Grad-CAM call
+    repeats: int
+    k: int = 27
+    divide: int = 1   # every preset side divided by this (quick checks; 1 = the presets)
+
+
+BACKBONE_SIZES = {"cpu": BackboneSize(crop_batch=2, cam_batch=1, repeats=2),
+                  "cuda": BackboneSize(crop_batch=64, cam_batch=8, repeats=5)}
+
+
+def _paths(arch: str, size: BackboneSize, dev) -> tuple[dict[str, Callable[[], Any]], dict[str, Any]]:
+    """The extract and Grad-CAM calls of one backbone, and what they run at."""
+    import torch
+
+    from transfgu_dist.config import EncoderConfig, PseudoLabelConfig
+    from transfgu_dist.encoder import build_encoder
+    from transfgu_dist.pseudo_labels import gradcam
+    from transfgu_dist.segmenter import autocast
+
+    encoder = build_encoder(EncoderConfig(arch=arch, weights="random")).to(dev).eval()
+    crop, cam = (side // size.divide for side in PRESET_SIDES[encoder.patch_size])
+    if crop % encoder.patch_size or cam % encoder.patch_size:
+        raise ValueError(f"divide={size.divide}: the sides {PRESET_SIDES[encoder.patch_size]} of {arch} / divide "
+                         f"must stay multiples of its patch {encoder.patch_size}")
+    gen = torch.Generator().manual_seed(0)
+    crops = torch.randn(size.crop_batch, 3, crop, crop, generator=gen).to(dev)
+    images = torch.randn(size.cam_batch, 3, cam, cam, generator=gen).to(dev)
+    concepts = torch.randn(size.k, encoder.dim, generator=gen).to(dev)
+    cfg = PseudoLabelConfig(image_size=(cam, cam), batch_size=size.cam_batch)
+
+    def extract() -> None:
+        with torch.no_grad(), autocast(dev):
+            encoder(crops, with_patch=False)
+
+    def grad_cam() -> None:
+        with autocast(dev):
+            gradcam(encoder, images, concepts, cfg)
+
+    info = {"patch": encoder.patch_size, "dim": encoder.dim, "crop_size": crop, "gradcam_size": cam,
+            "prefix_tokens": encoder.n_prefix,
+            "params_m": round(sum(p.numel() for p in encoder.parameters()) / 1e6, 2)}
+    return {"extract": extract, "gradcam": grad_cam}, info
+
+
+def _time_backbone(arch: str, size: BackboneSize, dev, log: Callable[[str], None]) -> dict[str, Any]:
+    """Per-item seconds (every run), GFLOPs per item and peak memory of extract and Grad-CAM for one arch."""
+    import gc
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from transfgu_dist.bench_env import measure
+    from transfgu_dist.bench_memory import PeakMemory
+
+    fns, info = _paths(arch, size, dev)
+    per = {"extract": size.crop_batch, "gradcam": size.cam_batch}
+    row: dict[str, Any] = {**info, "runs_s_per_item": {}, "gflop_per_item": {}, "memory": {}}
+    for name, fn in fns.items():
+        counter = FlopCounterMode(display=False)
+        with PeakMemory() as mem, counter:  # also the warm-up run
+            fn()
+        row["gflop_per_item"][name] = round(counter.get_total_flops() / per[name] / 1e9, 3)
+        row["memory"][name] = mem.result
+        runs = measure(fn, size.repeats, warmup=0)["runs_s"]
+        row["runs_s_per_item"][name] = [round(r / per[name], 5) for r in runs]
+        log(f"{arch} {name}: {min(runs) / per[name]:.3f} s per item (best of {len(runs)})")
+    del fns
+    gc.collect()
+    return row
+
+
+def run_backbones(archs: Sequence[str] = BACKBONES, repeats: int | None = None, divide: int = 1,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Times every arch of `archs` (the first is the reference) at the preset sides / `divide`; returns the JSON
+    document."""
+    import statistics
+
+    import timm
+    import torch
+
+    from transfgu_dist.bench_env import device_name
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = BACKBONE_SIZES[dev.type]
+    size = dataclasses.replace(size, repeats=repeats or size.repeats, divide=divide)
+    ref = archs[0]
+    rows = {arch: _time_backbone(arch, size, dev, log) for arch in archs}
+    again = _time_backbone(ref, size, dev, log)  # the reference after the others: its runs are pooled
+    for name, runs in again["runs_s_per_item"].items():
+        rows[ref]["runs_s_per_item"][name] += runs
+    for row in rows.values():
+        row["s_per_item"] = {name: statistics.median(runs) for name, runs in row["runs_s_per_item"].items()}
+    for row in rows.values():
+        row["vs_reference"] = {name: round(s / rows[ref]["s_per_item"][name], 3) for name, s in row["s_per_item"].items()}
+        row["gflop_vs_reference"] = {name: round(g / rows[ref]["gflop_per_item"][name], 3)
+                                     for name, g in row["gflop_per_item"].items()}
+    return {"size": "backbones", "device": device_name(), "reference": ref, "sizes": asdict(size),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                         "torch_threads": str(torch.get_num_threads())},
+            "notes": ["s_per_item: median seconds per crop (extract, encoder forward at the crop size) and per image "
+                      "(gradcam, K concepts, one forward + one batched backward); vs_reference = s_per_item / the "
+                      "reference's, measured in the same run",
+                      "memory: PeakMemory around the first (warm-up, FLOP-counted) call"],
+            "backbones": rows}
