@@ -106,6 +106,17 @@ def records(out: StageOutput, cover: dict[str, tuple[set[str], set[str]]]) -> di
                 "rows": pq.read_metadata(info.path, filesystem=fs).num_rows} for n, info in zip(names, infos)}
 
 
+def _check_present(out: StageOutput, uri: str, info: pafs.FileInfo, rec: dict[str, int]) -> None:
+    """StorageError in one line when the part at `uri` is missing or not the size its manifest record says."""
+    redo = f"delete {out.uri} to redo that stage"
+    if info.type != pafs.FileType.File:
+        raise storage.StorageError(uri, f"part recorded in the committed manifest is missing (expected "
+                                        f"{rec['bytes']} bytes, {rec['rows']} rows); {redo}")
+    if info.size != rec["bytes"]:
+        raise storage.StorageError(uri, f"part is {info.size} bytes, the manifest records {rec['bytes']} "
+                                        f"(truncated or rewritten); {redo}")
+
+
 def verify(out: StageOutput) -> None:
     """Check every part the committed manifest records against its byte size and footer row count; raises
     StorageError naming the first part that is missing, resized or unreadable."""
@@ -114,10 +125,7 @@ def verify(out: StageOutput) -> None:
     for name, rec in sorted(recorded.items()):
         uri = out.part_uri(name)
         info = fs.get_file_info(storage.filesystem(uri)[1])
-        if info.type != pafs.FileType.File:
-            raise storage.StorageError(uri, "part recorded in the manifest is missing")
-        if info.size != rec["bytes"]:
-            raise storage.StorageError(uri, f"part is {info.size} bytes, the manifest records {rec['bytes']}")
+        _check_present(out, uri, info, rec)
         try:
             rows = pq.read_metadata(info.path, filesystem=fs).num_rows
         except (OSError, pa.ArrowException) as e:
@@ -162,8 +170,20 @@ def deduplicate(out: StageOutput) -> tuple[list[str], dict[str, tuple[set[str], 
 
 
 def part_uris(out: StageOutput) -> list[str]:
-    """Committed part URIs listed in the stage's manifest."""
-    return [out.part_uri(name) for name in out.manifest()["parts"] if name.endswith(".parquet")]
+    """Committed part URIs listed in the stage's manifest, each checked in one listing call to exist with the byte
+    size its `part_records` entry gives: a deleted or truncated part fails here in one line naming it, before the
+    next stage reads it (the footers are read by `verify`, not here)."""
+    manifest = out.manifest()
+    names = [name for name in manifest["parts"] if name.endswith(".parquet")]
+    uris = [out.part_uri(name) for name in names]
+    recorded = manifest.get("part_records", {})  # absent in manifests written before parts were recorded
+    checked = [(name, uri) for name, uri in zip(names, uris) if name in recorded]
+    if checked:
+        fs, _ = storage.filesystem(out.uri)
+        infos = fs.get_file_info([storage.filesystem(uri)[1] for _, uri in checked])
+        for (name, uri), info in zip(checked, infos):
+            _check_present(out, uri, info, recorded[name])
+    return uris
 
 
 def dataset(uris: list[str]) -> ds.Dataset:

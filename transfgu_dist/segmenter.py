@@ -8,6 +8,7 @@ Nothing here imports Ray, FAISS or MLflow.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -24,6 +25,8 @@ from transfgu_dist.images import normalize, to_float_batch
 
 CHECKPOINT_KEYS = ("decoder", "n_outputs", "encoder", "round")
 ARTIFACT_FORMAT = "transfgu-segmenter/1"
+ARTIFACT_KEYS = ("format", "decoder", "n_outputs", "decoder_config", "encoder", "image_size", "class_names",
+                 "matching")
 UNMATCHED = 254  # label PNG value of a cluster the matching leaves without a class (255 stays "ignore")
 
 
@@ -31,12 +34,30 @@ class CheckpointError(ValueError):
     """A file is not the checkpoint this config expects; the message names the file."""
 
 
+LOADABLE = ("a torch.save file of tensors and plain types: a bootstrap final.pt / best.pt / round-N.pt, or a "
+            "jobs/export.py artifact")
+
+
+def _reason(e: Exception, path: str) -> str:
+    """One line of torch.load's (often multi-line) error: the unpickler's own complaint where it gives one, and
+    a cut zip archive (torch.save's format) called what it is."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+            return "a zip archive without its central directory: truncated"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+    if marker is not None and marker + 1 < len(lines):
+        return f"unpickler: {lines[marker + 1]}"
+    return lines[0][:300]
+
+
 def _torch_load(uri: str) -> Any:
     with storage.local_copy(uri) as path:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a wrong file
-            raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint ({e})") from e
+            raise CheckpointError(f"{uri}: not a readable PyTorch checkpoint; expected {LOADABLE} "
+                                  f"({_reason(e, path)})") from e
 
 
 def _build_decoder(uri: str, state: dict, width: int, n_outputs: int, cfg: DecoderConfig, expected: str):
@@ -191,6 +212,10 @@ class Segmenter:
     @classmethod
     def from_artifact(cls, art: dict[str, Any], uri: str = "artifact") -> Segmenter:
         """The inverse of `artifact()`; the encoder is rebuilt from its arch and weights source."""
+        missing = [k for k in ARTIFACT_KEYS if k not in art]
+        if missing:
+            raise CheckpointError(f"{uri}: expected an exported segmenter with keys {', '.join(ARTIFACT_KEYS)}; "
+                                  f"missing {', '.join(missing)}")
         enc, dec = EncoderConfig(**art["encoder"]), DecoderConfig(**art["decoder_config"])
         decoder = _build_decoder(uri, art["decoder"], ARCHS[enc.arch][1], art["n_outputs"], dec,
                                  "expected an exported segmenter")
