@@ -3,8 +3,8 @@
 Every family is built at its real size with seeded random weights (no download) and run at the sizes its preset
 uses: the extract forward on crops (Eq. 3; `encoder(crops, with_patch=False)`) and the batched Grad-CAM at K = 27
 (Eqs 5-8; one forward and one batched backward), both under bf16 autocast on GPU (fp32 on CPU). The reference (the
-first arch, DINO ViT-S/8 by default) is timed before and after the others and its runs pooled, so drifting load
-on shared cores hits the ratios alike. No Ray, FAISS or MLflow is imported.
+first arch, DINO ViT-S/8 by default) is timed in the same run, every repeat running each path of each arch in
+turn, so drifting load on shared cores hits the ratios alike. No Ray, FAISS or MLflow is imported.
 """
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ class BackboneSize:
     repeats: int
     k: int = 27
     divide: int = 1   # every preset side divided by this (quick checks; 1 = the presets)
+
+    def per_item(self, path: str) -> int:
+        return self.crop_batch if path == "extract" else self.cam_batch
 
 
 BACKBONE_SIZES = {"cpu": BackboneSize(crop_batch=2, cam_batch=1, repeats=2),
@@ -68,62 +71,63 @@ def _paths(arch: str, size: BackboneSize, dev) -> tuple[dict[str, Callable[[], A
     return {"extract": extract, "gradcam": grad_cam}, info
 
 
-def _time_backbone(arch: str, size: BackboneSize, dev, log: Callable[[str], None]) -> dict[str, Any]:
-    """Per-item seconds (every run), GFLOPs per item and peak memory of extract and Grad-CAM for one arch."""
-    import gc
-
+def _warm_up(arch: str, size: BackboneSize, dev, row: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """Build `arch`, run each path once under the FLOP counter and PeakMemory (the warm-up), fill `row`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from transfgu_dist.bench_env import measure
     from transfgu_dist.bench_memory import PeakMemory
 
     fns, info = _paths(arch, size, dev)
-    per = {"extract": size.crop_batch, "gradcam": size.cam_batch}
-    row: dict[str, Any] = {**info, "runs_s_per_item": {}, "gflop_per_item": {}, "memory": {}}
+    row.update(info, gflop_per_item={}, memory={})
     for name, fn in fns.items():
         counter = FlopCounterMode(display=False)
-        with PeakMemory() as mem, counter:  # also the warm-up run
+        with PeakMemory() as mem, counter:
             fn()
-        row["gflop_per_item"][name] = round(counter.get_total_flops() / per[name] / 1e9, 3)
-        row["memory"][name] = mem.result
-        runs = measure(fn, size.repeats, warmup=0)["runs_s"]
-        row["runs_s_per_item"][name] = [round(r / per[name], 5) for r in runs]
-        log(f"{arch} {name}: {min(runs) / per[name]:.3f} s per item (best of {len(runs)})")
-    del fns
-    gc.collect()
-    return row
+        row["gflop_per_item"][name] = round(counter.get_total_flops() / size.per_item(name) / 1e9, 3)
+        extra = mem.result["driver_peak_rss_mb"] - mem.result.get("tree_start_rss_mb", 0.0)
+        row["memory"][name] = {**mem.result, "call_extra_rss_mb": round(extra, 1)}
+    return fns
 
 
 def run_backbones(archs: Sequence[str] = BACKBONES, repeats: int | None = None, divide: int = 1,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Times every arch of `archs` (the first is the reference) at the preset sides / `divide`; returns the JSON
-    document."""
+    document. All encoders stay built and every repeat runs each path of each arch in turn (measure_interleaved),
+    so load that drifts over the run (shared cores) hits every ratio alike."""
     import statistics
 
     import timm
     import torch
 
-    from transfgu_dist.bench_env import device_name
+    from transfgu_dist.bench_env import device_name, measure_interleaved
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    size = BACKBONE_SIZES[dev.type]
-    size = dataclasses.replace(size, repeats=repeats or size.repeats, divide=divide)
+    size = dataclasses.replace(BACKBONE_SIZES[dev.type], divide=divide)
+    size = dataclasses.replace(size, repeats=repeats or size.repeats)
+    rows: dict[str, dict[str, Any]] = {arch: {} for arch in archs}
+    calls = {}
+    for arch in archs:
+        for name, fn in _warm_up(arch, size, dev, rows[arch]).items():
+            calls[f"{arch}/{name}"] = fn
+        log(f"{arch}: built and warm ({rows[arch]['gflop_per_item']} GFLOP per item)")
+    timed = measure_interleaved(calls, size.repeats, warmup=0)
     ref = archs[0]
-    rows = {arch: _time_backbone(arch, size, dev, log) for arch in archs}
-    again = _time_backbone(ref, size, dev, log)  # the reference after the others: its runs are pooled
-    for name, runs in again["runs_s_per_item"].items():
-        rows[ref]["runs_s_per_item"][name] += runs
-    for row in rows.values():
-        row["s_per_item"] = {name: statistics.median(runs) for name, runs in row["runs_s_per_item"].items()}
-    for row in rows.values():
-        row["vs_reference"] = {name: round(s / rows[ref]["s_per_item"][name], 3) for name, s in row["s_per_item"].items()}
-        row["gflop_vs_reference"] = {name: round(g / rows[ref]["gflop_per_item"][name], 3)
-                                     for name, g in row["gflop_per_item"].items()}
+    for key, timing in timed.items():
+        arch, name = key.split("/")
+        row = rows[arch]
+        row.setdefault("runs_s_per_item", {})[name] = [round(r / size.per_item(name), 5) for r in timing["runs_s"]]
+        row.setdefault("s_per_item", {})[name] = statistics.median(row["runs_s_per_item"][name])
+    for arch, row in rows.items():
+        row["vs_reference"] = {n: round(s / rows[ref]["s_per_item"][n], 3) for n, s in row["s_per_item"].items()}
+        row["gflop_vs_reference"] = {n: round(g / rows[ref]["gflop_per_item"][n], 3)
+                                     for n, g in row["gflop_per_item"].items()}
+        log(f"{arch}: {row['s_per_item']} s per item, {row['vs_reference']} x the reference")
     return {"size": "backbones", "device": device_name(), "reference": ref, "sizes": asdict(size),
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
                          "torch_threads": str(torch.get_num_threads())},
-            "notes": ["s_per_item: median seconds per crop (extract, encoder forward at the crop size) and per image "
-                      "(gradcam, K concepts, one forward + one batched backward); vs_reference = s_per_item / the "
-                      "reference's, measured in the same run",
-                      "memory: PeakMemory around the first (warm-up, FLOP-counted) call"],
+            "notes": ["s_per_item: median seconds per crop (extract: encoder forward at the crop size) and per image "
+                      "(gradcam: K concepts, one forward + one batched backward); vs_reference = s_per_item / the "
+                      "reference's; every repeat times each path of each arch in turn",
+                      "memory: PeakMemory around the first (warm-up, FLOP-counted) call; call_extra_rss_mb = its "
+                      "peak RSS minus the RSS on entry (the encoders built before it stay loaded)"],
             "backbones": rows}
