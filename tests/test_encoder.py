@@ -58,11 +58,11 @@ def test_hand_run_last_block_matches_timm(arch):
     assert npt == (5 if "reg4" in arch or "dinov3" in arch else 1)
     x = torch.randn(2, 3, 6 * p, 9 * p)  # not the table's size: interpolated (DINO v1: DINO's rule, see below)
     out = enc(x)
-    ref = timm_blocks(enc, x) if enc.dino_v1 else enc.vit.forward_features(x)
+    ref = timm_blocks(enc, x) if enc.offset_table else enc.vit.forward_features(x)
     assert out.grid == (6, 9) and out.patch.shape == (2, 6, 9, 48)
     assert torch.allclose(out.cls, ref[:, 0], atol=1e-5)
     assert torch.allclose(out.patch.flatten(1, 2), ref[:, npt:], atol=1e-5)
-    if not enc.dino_v1:  # (DINO v1's timm forward interpolates differently; its row is pinned at 224 below)
+    if not enc.offset_table:  # (timm's forward resamples DINO v1's and DINOv2's table differently: see below)
         assert torch.allclose(out.cls_attn, timm_last_attention(enc.vit, x), atol=1e-6)
     assert out.attn.shape == (2, 6, 9)
     assert torch.allclose(out.attn.sum((1, 2)) + out.cls_attn[:, :, :npt].sum(2).mean(1), torch.ones(2), atol=1e-5)
@@ -76,6 +76,32 @@ def test_dino_v1_at_224_is_timm_forward(encoder):
     assert torch.allclose(out.cls, ref[:, 0], atol=1e-5) and torch.allclose(out.patch.flatten(1, 2), ref[:, 1:],
                                                                            atol=1e-5)
     assert torch.allclose(out.cls_attn, timm_last_attention(encoder.vit, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["dinov2_tiny_test", "dinov2_reg4_tiny_test"])
+def test_dinov2_position_table_follows_the_official_rule(arch):
+    """DINOv2's own interpolate_pos_encoding: without registers the hub uses offset 0.1, no antialias (DINO's rule,
+    which timm's antialiased size= resample is not); with registers offset 0 and antialias, i.e. timm's resample.
+    At the table's 37 x 37 grid (518 px) both use the table as is."""
+    import torch.nn.functional as F
+
+    enc = build_encoder(EncoderConfig(arch=arch, weights="random"))
+    vit, n = enc.vit, 37
+    patches = vit.pos_embed[:, -n * n:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = (40, 20)
+    if enc.n_prefix == 1:
+        official = F.interpolate(patches, scale_factor=((40 + 0.1) / n, (20 + 0.1) / n), mode="bicubic",
+                                 antialias=False)
+    else:
+        official = F.interpolate(patches, size=grid, mode="bicubic", antialias=True)
+    x = torch.zeros(1, 3, 40 * 14, 20 * 14)
+    tokens = enc.tokens(x)[0]
+    embedded = vit.patch_embed(x).flatten(1, 2)
+    assert torch.allclose(tokens[:, enc.n_prefix:] - embedded, official.flatten(2).transpose(1, 2), atol=1e-6)
+    assert enc.offset_table == (enc.n_prefix == 1)
+    same = torch.zeros(1, 3, 518, 518)
+    assert torch.allclose(enc.tokens(same)[0][:, enc.n_prefix:] - vit.patch_embed(same).flatten(1, 2),
+                          vit.pos_embed[:, -n * n:], atol=1e-6)
 
 
 def bicubic_1d(x, scale, out_len):

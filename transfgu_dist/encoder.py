@@ -56,7 +56,8 @@ TIMM_MODELS = {
 
 
 def dino_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """DINO v1's position table for an h x w patch grid (its `interpolate_pos_encoding`).
+    """DINO v1's position table for an h x w patch grid (its `interpolate_pos_encoding`; DINOv2's without
+    registers, built with interpolate_offset 0.1 and no antialias, is the same rule).
 
     table: (1, 1 + n*n, D), CLS entry first. Used as is at the table's own grid; otherwise the n x n patch part
     is resized by plain bicubic (align_corners False, no antialias) with scale factors ((h + 0.1)/n, (w + 0.1)/n),
@@ -117,6 +118,9 @@ class ViTEncoder(nn.Module):
                                          num_classes=0, dynamic_img_size=True)
         self.dino_v1 = arch not in TIMM_MODELS
         self.n_prefix = self.vit.num_prefix_tokens
+        # DINO's table rule: DINO v1, and DINOv2 without registers (its hub builds them with interpolate_offset=0.1
+        # and no antialias); the reg4 models' own rule (size=, antialias) is timm's resample exactly
+        self.offset_table = self.dino_v1 or (isinstance(self.vit, VisionTransformer) and self.n_prefix == 1)
         self.requires_grad_(False)
         self.eval()
 
@@ -128,11 +132,11 @@ class ViTEncoder(nn.Module):
         vit = self.vit
         x = vit.patch_embed(images)  # (B, h, w, D)
         rope = None
-        if self.dino_v1:
+        if self.offset_table:
             pos = dino_pos_embed(vit.pos_embed, x.shape[1:3])
             x = vit.pos_drop(torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x.flatten(1, 2)], 1) + pos)
         elif isinstance(vit, VisionTransformer):
-            x = vit.patch_drop(vit._pos_embed(x))  # DINOv2: timm's resample of the table
+            x = vit.patch_drop(vit._pos_embed(x))  # DINOv2 reg4: timm's resample of the table
         else:
             x, rope = vit._pos_embed(x)  # Eva: RoPE for the patch tokens
         return vit.norm_pre(x), rope
