@@ -13,6 +13,10 @@ are reported, and `meets_target` only says how the headline compares with the is
 Steady-state rates of the Ray stages come from the modification times of what the stage publishes (one Parquet
 part per actor call, one round checkpoint per round), so Ray start-up, actor construction and the first batch
 are excluded; the end-to-end wall time and its rate are reported next to them.
+
+Modules: bench_env (devices, timing, the local Ray, shared helpers), bench_memory (PeakMemory), bench_encoder
+(extract, pseudo_label), bench_cluster, bench_bootstrap; the other modes of jobs/bench.py are bench_device
+(--device-only), bench_scale (--size scale) and bench_backbones (--size backbones).
 """
 from __future__ import annotations
 
