@@ -53,6 +53,13 @@ def _record(me: dict) -> bytes:
     return json.dumps({**me, "time": time.time()}).encode()
 
 
+def _started(lease):
+    """Start `lease`'s heartbeat thread and its release at exit; returns it."""
+    threading.Thread(target=lease._heartbeat, daemon=True).start()
+    atexit.register(lease.release)
+    return lease
+
+
 class Lease:
     def __init__(self, output: str, ttl: float = 600.0):
         self.path, self.ttl = Path(output) / LEASE, ttl
@@ -81,9 +88,7 @@ class Lease:
                 self.path.unlink(missing_ok=True)  # stale: take over
         else:
             raise LeaseError(f"{self.path}: another driver took the output while this one took over a stale lease")
-        threading.Thread(target=self._heartbeat, daemon=True).start()
-        atexit.register(self.release)
-        return self
+        return _started(self)
 
     def _heartbeat(self) -> None:
         tmp = self.path.with_name(f".{LEASE}.{self.me['pid']}")
@@ -170,9 +175,7 @@ class S3Lease:
             break
         else:
             raise LeaseError(f"{self.uri}: the lease changed hands twice while this driver tried to take it")
-        threading.Thread(target=self._heartbeat, daemon=True).start()
-        atexit.register(self.release)
-        return self
+        return _started(self)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
