@@ -70,6 +70,7 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
     assert metrics["n_images"] == 6 and metrics["bad_images"] == ["zzz_broken"] and metrics["n_bad_images"] == 1
+    assert (out / "bad_images.txt").read_text() == "zzz_broken"  # listed like the other stages' skipped images
     assert list(metrics["per_class_iou"]) == list(synthetic.CLASS_NAMES)
     assert len(metrics["matching"]) == cfg.n_outputs and metrics["checkpoint"] == ckpt
     assert open_png(out / "confusion.png").format == "PNG" and open_png(out / "per_class_iou.png").format == "PNG"

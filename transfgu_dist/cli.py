@@ -184,18 +184,45 @@ def run_summary(results: dict[str, Any], timings: dict[str, float]) -> dict[str,
     return out
 
 
+def ask_for_token_auth(address: str | None) -> None:
+    """A local Ray started here gets token authentication, as Ray's default gives it, but asked for
+    (RAY_AUTH_MODE=token unless set), so Ray does not warn on the console that it chose it. RAY_AUTH_MODE=disabled
+    opts out as with Ray itself; a cluster joined (address, RAY_ADDRESS) keeps its own mode. Before Ray is imported:
+    Ray reads the variable once."""
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def log_model(cfg: Config, results: dict[str, Any]) -> str:
+    """The trained Segmenter (the checkpoint evaluate scored, with its matching; else final.pt) as an MLflow pyfunc
+    model (export.log_mlflow_model) on the active run; returns its model URI."""
+    from transfgu_dist.export import log_mlflow_model
+    from transfgu_dist.segmenter import Segmenter
+    from transfgu_dist.stages.evaluate import evaluate_dir
+
+    scored = results.get("evaluate")
+    final = storage.join(cfg.output, "bootstrap", results["bootstrap"]["final"])
+    checkpoint = scored["checkpoint"] if scored else final
+    metrics = storage.join(evaluate_dir(cfg), "metrics.json") if scored else None
+    return log_mlflow_model(Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics))
+
+
 def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, argv)
     cfg, weights = preflight(args, stages)
+    if not args.verbose:
+        ask_for_token_auth(args.address)
     from transfgu_dist import tracking
+    from transfgu_dist.console import native_ray_lines_hidden
     from transfgu_dist.stages.common import init_ray
 
     init_ray(args.address, verbose=args.verbose)
     tracking.close_orphans(cfg)
     results, timings = {}, {}
-    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
+    run_name = "+".join(stages) if len(stages) < 5 else "run_all"
+    with native_ray_lines_hidden(not args.verbose), tracking.run(cfg, run_name):
         import mlflow
 
         mlflow.set_tag("weights", weights)
@@ -212,6 +239,7 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
             log.info("stage %s: done in %.1f s", name, timings[name])
         summary = run_summary(results, timings)
         mlflow.log_metrics(summary)
+        model_uri = log_model(cfg, results) if "bootstrap" in results else None
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     if "best/val/miou" in summary:
         print(f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
@@ -219,9 +247,14 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
               f"with `jobs/evaluate.py eval.checkpoint=best`), last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
         m = results["evaluate"]
+        from transfgu_dist.stages.evaluate import evaluate_dir
+
+        bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(evaluate_dir(cfg), 'bad_images.txt')}"
+               if m.get("n_bad_images") else "")
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
-              f"({m['n_images']} val images, {m['checkpoint']})")
-    print(f"outputs: {cfg.output}\nMLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
+              f"({m['n_images']} val images{bad}, {m['checkpoint']})")
+    print(f"outputs: {cfg.output}" + (f"\nMLflow model: {model_uri}" if model_uri else ""))
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
     return {"config": cfg, "results": results, "timings": timings}
 
 

@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch import nn
 from transfgu_dist import parts, storage
 from transfgu_dist.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
 from transfgu_dist.config import Config
+from transfgu_dist.console import epoch_lines
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
@@ -244,6 +246,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 boot.start_round()
             continue
         _maybe_fail(global_epoch)
+        started = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
         for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=boot.dev,
@@ -262,6 +265,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 best = {"val/score": score, "val/miou": metrics["val/miou"], "global_epoch": global_epoch,
                         "round": round_, "decoder": copy.deepcopy(boot.student.state_dict())}
             metrics.update({f"best/{k}": best[k] for k in ("val/score", "val/miou", "global_epoch") if k in best})
+        metrics["epoch_seconds"] = time.perf_counter() - started  # training and validation
         if rank0 and mlflow_run:
             log_epoch(*mlflow_run, metrics, step=global_epoch)
         with tempfile.TemporaryDirectory() as d:
@@ -307,7 +311,8 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> dic
     out = bootstrap_output(cfg)
     if out.is_committed():
         return out.manifest()
-    result = make_trainer(cfg, "bootstrap", mlflow_run=mlflow_run).fit()
+    with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
+        result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
     last = len(cfg.train.round_epochs) - 1
     out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
     best = export_best(cfg, result.checkpoint)

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from transfgu_dist import parts, storage
+from transfgu_dist.console import track
 from transfgu_dist.datasets import Sample
 from transfgu_dist.images import BadImageError, decode_image, to_float_batch
 from transfgu_dist.storage import StageOutput
@@ -40,6 +41,7 @@ def quiet_libraries() -> None:
     log files), and no deprecation warnings from inside Ray."""
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "faiss"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": ours show
     warnings.filterwarnings("ignore", module=r"ray\.")
 
 
@@ -90,6 +92,14 @@ def images_to_device(batch: dict[str, np.ndarray], dev: torch.device) -> torch.T
     return torch.from_numpy(batch["image"]).to(dev).permute(0, 3, 1, 2).float().div_(255)
 
 
+def list_bad_images(out: StageOutput, bad: list[str], total: int) -> None:
+    """`<out>/bad_images.txt`, one image id a line, and one warning, when some of the `total` images were skipped."""
+    if bad:
+        listed = storage.join(out.uri, "bad_images.txt")
+        storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
+        log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), total, listed)
+
+
 @dataclass
 class StageReport:
     images: int        # images covered by the committed output
@@ -98,7 +108,7 @@ class StageReport:
     manifest: dict[str, Any]
 
 
-def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
+def run_image_stage(stage: str, out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
                     actor_kwargs: dict[str, Any], images_per_task: int, images_per_part: int,
                     extra_manifest: dict[str, Any]) -> StageReport:
     """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
@@ -106,7 +116,8 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
     Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
     GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
     writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part
-    covers, and each image is left in exactly one part before the commit (parts.deduplicate).
+    covers, and each image is left in exactly one part before the commit (parts.deduplicate). The actor returns
+    one row per part with its number of `images` (unreadable ones included), counted on the `stage`'s progress.
     """
     if out.is_committed():
         m = out.manifest()
@@ -118,7 +129,8 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
         ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
         ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_task, num_cpus=1)
         ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
-        ds.materialize()
+        for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
+            pass
     removed, cover = parts.deduplicate(out)
     if removed:
         log.warning("%s: %d parts overlapped others (images batched twice); removed or rewritten: %s", out.uri,
@@ -128,10 +140,7 @@ def run_image_stage(out: StageOutput, samples: list[Sample], size: tuple[int, in
     if missing:
         raise RuntimeError(f"{out.uri}: {len(missing)} images were not processed, "
                            f"e.g. {[s.image_id for s in missing[:3]]}")
-    if bad:
-        listed = storage.join(out.uri, "bad_images.txt")
-        storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
-        log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), len(samples), listed)
+    list_bad_images(out, bad, len(samples))
     manifest = out.commit({"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover),
                            **extra_manifest})
     return StageReport(len(done), len(pending), sorted(bad), manifest)

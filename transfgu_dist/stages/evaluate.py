@@ -24,7 +24,8 @@ from transfgu_dist.images import BadImageError, decode_label, resize_labels
 from transfgu_dist.label_maps import class_names as table_class_names, remap_label, table_name
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
 from transfgu_dist.segmenter import load_decoder, predict
-from transfgu_dist.stages.common import actor_device, actor_pool, images_to_device, load_images
+from transfgu_dist.console import track
+from transfgu_dist.stages.common import actor_device, actor_pool, images_to_device, list_bad_images, load_images
 from transfgu_dist.storage import StageOutput
 from transfgu_dist.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
 
@@ -103,6 +104,11 @@ class Predictor:
                 "overlay_pred": pred[shown][None]}
 
 
+def bad_ids(row: dict[str, Any]) -> list[str]:
+    """The ids of a Predictor row's images skipped because the image or its label could not be read."""
+    return [i for i in row["bad"].split("\n") if i]
+
+
 def val_dataset(cfg: Config, samples: list[Sample]) -> ray.data.Dataset:
     """The val samples with images and GT at the eval size."""
     ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image, "label": s.label} for s in samples])
@@ -114,7 +120,8 @@ def val_dataset(cfg: Config, samples: list[Sample]) -> ray.data.Dataset:
 def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`.
 
-    Writes `evaluate_dir(cfg)/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` and commits
+    Writes `evaluate_dir(cfg)/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and
+    `bad_images.txt` when images or labels could not be read; they are not scored) and commits
     it with the metrics in the manifest; a committed stage returns its stored metrics without recomputing.
     """
     out = StageOutput(evaluate_dir(cfg))
@@ -127,8 +134,9 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
     ds = val_dataset(cfg, samples).map_batches(
         Predictor, fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
         batch_size=cfg.eval.batch_size, **actor_pool())
-    rows = ds.take_all()
-    n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in r["bad"].split("\n") if i)
+    rows = list(track(ds.iter_rows(), "evaluate", len(samples), lambda r: int(r["n_images"]) + len(bad_ids(r))))
+    n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in bad_ids(r))
+    list_bad_images(out, bad, len(samples))
     if not n_images:
         raise RuntimeError(f"{cfg.data.val_split}: none of the {len(samples)} validation images could be read")
     scores = scores_from_confusion(sum(r["confusion"] for r in rows))  # one matching over the whole split

@@ -75,13 +75,14 @@ class CropEncoder:
         })
         bad = [str(i) for i in batch["image_id"][~ok]]
         name = parts.write_part(self.out, table, ids, bad)
-        return {"part": np.array([name]), "crops": np.array([table.num_rows])}
+        return {"part": np.array([name]), "images": np.array([len(batch["image_id"])]),
+                "crops": np.array([table.num_rows])}
 
 
 def run_extract(cfg: Config) -> StageReport:
     """Crop and encode every training image; resumable, committed when every image is covered."""
     out = features_output(cfg)
     samples = list_samples(cfg, cfg.data.train_split)
-    return run_image_stage(out, samples, cfg.crops.image_size, CropEncoder, {"cfg": cfg, "out_uri": out.uri},
-                           cfg.crops.images_per_task, cfg.crops.images_per_part,
+    return run_image_stage("extract", out, samples, cfg.crops.image_size, CropEncoder,
+                           {"cfg": cfg, "out_uri": out.uri}, cfg.crops.images_per_task, cfg.crops.images_per_part,
                            {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas)})

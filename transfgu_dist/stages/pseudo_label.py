@@ -56,12 +56,13 @@ class ConceptMapper:
             "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
         })
         name = parts.write_part(self.out, table, ids, [str(i) for i in batch["image_id"][~ok]])
-        return {"part": np.array([name]), "images": np.array([len(ids)])}
+        return {"part": np.array([name]), "images": np.array([len(batch["image_id"])])}
 
 
 def run_pseudo_label(cfg: Config) -> StageReport:
     out = bank_output(cfg)
     samples = list_samples(cfg, cfg.data.train_split)
-    return run_image_stage(out, samples, cfg.pseudo.image_size, ConceptMapper, {"cfg": cfg, "out_uri": out.uri},
-                           cfg.pseudo.batch_size, cfg.pseudo.images_per_part, {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
-                                                   "response": cfg.pseudo.response})
+    return run_image_stage("pseudo_label", out, samples, cfg.pseudo.image_size, ConceptMapper,
+                           {"cfg": cfg, "out_uri": out.uri}, cfg.pseudo.batch_size, cfg.pseudo.images_per_part,
+                           {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
+                            "response": cfg.pseudo.response})
