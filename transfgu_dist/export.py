@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import logging
 import tempfile
 import warnings
 from typing import Any
@@ -68,17 +69,39 @@ class SegmenterModel(PythonModel):
     def load_context(self, context: Any) -> None:
         self.seg = Segmenter.from_checkpoint(context.artifacts["segmenter"])
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow infers no schema from hints
+    def predict(self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None) -> list[np.ndarray]:
+        # np.ndarray: a hint MLflow infers no schema from and checks nothing against (see log_mlflow_model)
         return self.seg.segment(model_input)
 
 
+class NoSignatureNotice(logging.Filter):
+    """While in use (a context manager): `logger` drops MLflow's "model signature cannot be inferred" notice."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__()
+        self.logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "cannot be used to infer model signature" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeFilter(self)
+
+
 def log_mlflow_model(seg: Segmenter, name: str = "segmenter") -> str:
-    """Log the artifact as a pyfunc model (with this package as code) to the active MLflow run; the model URI."""
+    """Log the artifact as a pyfunc model (mlflow_model.py, with this package as code) to the active MLflow run;
+    the model URI. No signature on purpose: the input is an image of any size or a list of them, which no MLflow
+    schema describes, so MLflow's notice that it inferred none is not shown."""
     import mlflow
 
     package = os.path.dirname(os.path.abspath(__file__))
-    with tempfile.TemporaryDirectory() as d:
+    notices = logging.getLogger("mlflow.pyfunc")
+    with tempfile.TemporaryDirectory() as d, NoSignatureNotice(notices):
         path = export(seg, os.path.join(d, "segmenter.pt"))
-        info = mlflow.pyfunc.log_model(name=name, python_model=SegmenterModel(), artifacts={"segmenter": path},
-                                       code_paths=[package], pip_requirements=["torch", "timm", "numpy", "pillow"])
+        info = mlflow.pyfunc.log_model(name=name, python_model=os.path.join(package, "mlflow_model.py"),
+                                       artifacts={"segmenter": path}, code_paths=[package],
+                                       pip_requirements=["torch", "timm", "numpy", "pillow"])
     return info.model_uri

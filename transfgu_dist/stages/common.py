@@ -38,10 +38,11 @@ def init_ray(address: str | None = None, verbose: bool = True) -> None:
 
 def quiet_libraries() -> None:
     """Only warnings from Ray, Ray Data, MLflow and FAISS on the driver's console (their INFO lines stay in Ray's
-    log files), and no deprecation warnings from inside Ray."""
+    log files), no deprecation warnings from inside Ray, and no MLflow artifact progress bars."""
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "faiss"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled": ours show
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # logging the model: no download bar
     warnings.filterwarnings("ignore", module=r"ray\.")
 
 
