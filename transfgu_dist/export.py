@@ -8,12 +8,13 @@ Optionally encoder + decoder are traced to TorchScript at the eval size (export_
 from __future__ import annotations
 
 import io
-import os
 import logging
+import os
 import tempfile
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
