@@ -211,9 +211,10 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(description, argv)
-    cfg, weights = preflight(args, stages)
     if not args.verbose:
+        logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from ..." (preflight)
         ask_for_token_auth(args.address)
+    cfg, weights = preflight(args, stages)
     from transfgu_dist import tracking
     from transfgu_dist.console import native_ray_lines_hidden
     from transfgu_dist.stages.common import init_ray
