@@ -64,7 +64,9 @@ def open_png(path: Path) -> Image.Image:
 def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypatch):
     cfg = make_config(tmp_path / "run", data_dir)
     ckpt = save_checkpoint(cfg, tmp_path / "run" / "bootstrap" / "final.pt")
-    metrics = run_evaluate(cfg)
+    result = run_evaluate(cfg)
+    metrics = result.manifest["metrics"]
+    assert result.processed == 6 and result.metrics["miou"] == metrics["miou"]
 
     out = tmp_path / "run" / "evaluate"
     assert json.loads((out / "metrics.json").read_text()) == metrics
@@ -84,7 +86,8 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
         raise AssertionError("a committed stage must not be recomputed")
     monkeypatch.setattr(evaluate, "list_samples", recompute)
     monkeypatch.setattr(evaluate, "load_decoder", recompute)
-    assert run_evaluate(cfg) == metrics
+    again = run_evaluate(cfg)
+    assert again.manifest["metrics"] == metrics and again.processed == 0
 
 
 @pytest.mark.parametrize("bad", [

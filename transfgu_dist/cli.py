@@ -6,35 +6,19 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist import lease, storage
+from transfgu_dist import contract, lease, storage
 from transfgu_dist.config import PRESETS, Config, ConfigError, load_config, to_dict
+from transfgu_dist.contract import STAGES, StageResult
 
 log = logging.getLogger("transfgu_dist")
 
-# Config sections each stage's committed output depends on (a rerun with other values would mix results).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "extract": ("data", "encoder", "crops"),
-    "cluster": ("cluster",),
-    "pseudo_label": ("pseudo",),
-    "bootstrap": ("decoder", "loss", "train"),
-    "evaluate": ("eval",),
-}
 
-
-# Settings that change how fast a stage runs, not what it writes.
-RESOURCE_KEYS = {"crops.batch_size", "crops.images_per_task", "crops.images_per_part", "pseudo.batch_size",
-                 "pseudo.images_per_part", "train.num_workers",
-                 "train.cpus_per_worker", "train.use_gpu", "train.max_failures", "eval.batch_size",
-                 "eval.checkpoint", "eval.crf"}  # these pick another output folder (evaluate.evaluate_dir)
-
-
-def _stage(name: str) -> Callable[[Config], Any]:
+def _stage(name: str) -> Callable[..., StageResult]:
     """The stage's run function (imported lazily: `--help` stays fast)."""
     from transfgu_dist.stages import bootstrap, cluster, evaluate, extract, pseudo_label
 
@@ -131,53 +115,40 @@ def check_output(cfg: Config, stages: Sequence[str]) -> None:
                               f"({str(e).splitlines()[0]}); restore or delete it") from None
         if not isinstance(old, dict):
             raise ConfigError(f"{uri}: expected a mapping of config sections, got {type(old).__name__}")
-        changed = [f"{section}.{k}" for stage in stages for section in STAGE_INPUTS[stage]
-                   for k in new[section] if old.get(section, {}).get(k) != new[section][k]
-                   and f"{section}.{k}" not in RESOURCE_KEYS
-                   and storage.exists(storage.join(cfg.output, _dir(stage), "_SUCCESS.json"))]
+        recorded = {f"{s}.{k}": v for s, values in old.items() if isinstance(values, dict) for k, v in values.items()}
+        changed = [key for stage in stages if contract.is_committed(cfg, stage)
+                   for key, value in contract.input_values(new, stage).items() if recorded.get(key) != value]
         if changed:
             raise ConfigError(f"{cfg.output} holds committed results made with other settings ({', '.join(changed)}); "
                               f"use another output= or delete the stages to redo")
         # a job of some stages records only its own settings: other committed stages keep theirs
-        for stage in set(STAGE_INPUTS) - set(stages):
-            if storage.exists(storage.join(cfg.output, _dir(stage), "_SUCCESS.json")):
-                new.update({section: old[section] for section in STAGE_INPUTS[stage] if section in old})
+        for stage in set(STAGES) - set(stages):
+            if contract.is_committed(cfg, stage):
+                new.update({section: old[section] for section in STAGES[stage].inputs if section in old})
     storage.write_bytes(uri, yaml.safe_dump(new, sort_keys=False).encode())
 
 
-def _dir(stage: str) -> str:
-    return {"extract": "features", "cluster": "concepts", "pseudo_label": "bank"}.get(stage, stage)
-
-
-def log_stage(cfg: Config, name: str, result: Any, seconds: float) -> None:
-    """Stage figures and result files into the active MLflow run."""
+def log_stage(result: StageResult, seconds: float) -> None:
+    """A stage's figures, tags, manifest and result files (as its contract declares) into the active MLflow run."""
     import mlflow
 
-    mlflow.log_metric("wall_seconds", seconds)
-    if name in ("extract", "pseudo_label"):
-        mlflow.log_metrics({"images": result.images, "processed": result.processed, "bad_images": len(result.bad)})
-    elif name == "cluster":
-        mlflow.log_metrics({"points_fg": result["points_fg"], "points_bg": result["points_bg"],
-                            **{f"objective_{k}": v for k, v in result["objective"].items()}})
-    elif name == "bootstrap":
-        mlflow.set_tag("checkpoint", storage.join(cfg.output, "bootstrap", result["final"]))
-        mlflow.log_dict(result, "bootstrap_manifest.json")
-    elif name == "evaluate":
-        mlflow.log_metrics({"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"],
-                            **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v
-                               for c, v in result.get("per_class_iou", {}).items()}})
+    stage = STAGES[result.stage]
+    mlflow.log_metrics({"wall_seconds": seconds, **result.metrics})
+    mlflow.set_tags(result.tags)
+    if stage.log_manifest:
+        mlflow.log_dict(result.manifest, f"{stage.name}_manifest.json")
+    if stage.log_files:
         from transfgu_dist import tracking
-        from transfgu_dist.stages.evaluate import evaluate_dir
 
-        tracking.log_outputs(evaluate_dir(cfg), "evaluate")
+        tracking.log_outputs(result.uri, stage.name)
 
 
-def run_summary(results: dict[str, Any], timings: dict[str, float]) -> dict[str, float]:
+def run_summary(results: dict[str, StageResult], timings: dict[str, float]) -> dict[str, float]:
     """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
     out = {"wall_seconds": sum(timings.values())}
     if "evaluate" in results:
-        out.update(miou=results["evaluate"]["miou"], pixel_accuracy=results["evaluate"]["pixel_accuracy"])
-    epoch = (results.get("bootstrap") or {}).get("metrics") or {}
+        out.update({k: results["evaluate"].metrics[k] for k in ("miou", "pixel_accuracy")})
+    epoch = results["bootstrap"].manifest.get("metrics") or {} if "bootstrap" in results else {}
     if "best/val/miou" in epoch and "val/miou" in epoch:
         out.update({"best/val/miou": epoch["best/val/miou"], "best/global_epoch": epoch["best/global_epoch"],
                     "last/val/miou": epoch["val/miou"]})
@@ -193,17 +164,16 @@ def ask_for_token_auth(address: str | None) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
-def log_model(cfg: Config, results: dict[str, Any]) -> str:
+def log_model(cfg: Config, results: dict[str, StageResult]) -> str:
     """The trained Segmenter (the checkpoint evaluate scored, with its matching; else final.pt) as an MLflow pyfunc
     model (export.log_mlflow_model) on the active run; returns its model URI."""
     from transfgu_dist.export import log_mlflow_model
     from transfgu_dist.segmenter import Segmenter
-    from transfgu_dist.stages.evaluate import evaluate_dir
 
     scored = results.get("evaluate")
-    final = storage.join(cfg.output, "bootstrap", results["bootstrap"]["final"])
-    checkpoint = scored["checkpoint"] if scored else final
-    metrics = storage.join(evaluate_dir(cfg), "metrics.json") if scored else None
+    final = storage.join(results["bootstrap"].uri, results["bootstrap"].manifest["final"])
+    checkpoint = scored.manifest["metrics"]["checkpoint"] if scored else final
+    metrics = storage.join(scored.uri, "metrics.json") if scored else None
     return log_mlflow_model(Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics))
 
 
@@ -228,15 +198,14 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
 
         mlflow.set_tag("weights", weights)
         for name in stages:
-            with tracking.run(cfg, name, nested=True, sections=STAGE_INPUTS[name]) as active:
+            with tracking.run(cfg, name, nested=True, sections=STAGES[name].inputs) as active:
                 start = time.perf_counter()
                 log.info("stage %s: starting (output %s)", name, cfg.output)
-                if name == "bootstrap":
-                    results[name] = _stage(name)(cfg, mlflow_run=(tracking.tracking_uri(cfg), active.info.run_id))
-                else:
-                    results[name] = _stage(name)(cfg)
+                kwargs = {"mlflow_run": (tracking.tracking_uri(cfg), active.info.run_id)} \
+                    if STAGES[name].epoch_metrics else {}
+                results[name] = _stage(name)(cfg, **kwargs)
                 timings[name] = round(time.perf_counter() - start, 1)
-                log_stage(cfg, name, results[name], timings[name])
+                log_stage(results[name], timings[name])
             log.info("stage %s: done in %.1f s", name, timings[name])
         summary = run_summary(results, timings)
         mlflow.log_metrics(summary)
@@ -247,10 +216,8 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
               f"{summary['best/global_epoch']:.0f}; the reference protocol reports this epoch: score bootstrap/best.pt "
               f"with `jobs/evaluate.py eval.checkpoint=best`), last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
-        m = results["evaluate"]
-        from transfgu_dist.stages.evaluate import evaluate_dir
-
-        bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(evaluate_dir(cfg), 'bad_images.txt')}"
+        m = results["evaluate"].manifest["metrics"]
+        bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(results['evaluate'].uri, 'bad_images.txt')}"
                if m.get("n_bad_images") else "")
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
               f"({m['n_images']} val images{bad}, {m['checkpoint']})")

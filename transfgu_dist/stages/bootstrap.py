@@ -24,10 +24,11 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from transfgu_dist import parts, storage
+from transfgu_dist import contract, parts, storage
 from transfgu_dist.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
 from transfgu_dist.config import Config
 from transfgu_dist.console import epoch_lines
+from transfgu_dist.contract import StageResult
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
@@ -48,7 +49,7 @@ FAULT_ENV = "TRANSFGU_FAIL_ONCE_AT_EPOCH"  # chaos testing: "<epoch>:<marker fil
 
 
 def bootstrap_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(cfg.output, "bootstrap"))
+    return contract.output(cfg, "bootstrap")
 
 
 def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
@@ -306,19 +307,23 @@ def ordered_ingest() -> ray.data.ExecutionOptions:
     return options
 
 
-def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> dict[str, Any]:
-    """Train all rounds on Ray Train (DDP; NCCL on GPU, gloo on CPU); commit the final (and best) decoder."""
+def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> StageResult:
+    """Train all rounds on Ray Train (DDP; NCCL on GPU, gloo on CPU); commit the final (and best) decoder. The
+    result's `processed` counts the epochs this run trained."""
     out = bootstrap_output(cfg)
+    tags = {"checkpoint": out.part_uri("final.pt")}
     if out.is_committed():
-        return out.manifest()
+        return StageResult("bootstrap", out.uri, out.manifest(), tags=tags)
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
         result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
     last = len(cfg.train.round_epochs) - 1
     out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
     best = export_best(cfg, result.checkpoint)
-    return out.commit({"rounds": last + 1, "epochs": sum(cfg.train.round_epochs), "final": "final.pt",
+    manifest = out.commit({"rounds": last + 1, "epochs": sum(cfg.train.round_epochs), "final": "final.pt",
                        "workers": cfg.train.num_workers, "metrics": result.metrics, **best,
                        "train_checkpoint": result.checkpoint.path if result.checkpoint else None})
+    trained = sum(cfg.train.round_epochs) - result.metrics.get("resumed_at", 0) if result.metrics else 0
+    return StageResult("bootstrap", out.uri, manifest, trained, tags=tags)
 
 
 def export_best(cfg: Config, checkpoint: ray.train.Checkpoint | None) -> dict[str, Any]:

@@ -8,10 +8,10 @@ import pyarrow as pa
 import ray
 import torch
 
-from transfgu_dist import parts, storage
+from transfgu_dist import contract, parts, storage
 from transfgu_dist.concepts import Concepts, fit_concepts
 from transfgu_dist.config import Config
-from transfgu_dist.datasets import inputs_root
+from transfgu_dist.contract import StageResult
 from transfgu_dist.stages.common import cluster_gpus
 from transfgu_dist.stages.extract import features_output
 from transfgu_dist.storage import StageOutput
@@ -20,7 +20,7 @@ CONCEPTS = "concepts.npz"
 
 
 def concepts_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(inputs_root(cfg), "concepts"))
+    return contract.output(cfg, "cluster")
 
 
 def load_concepts(cfg: Config) -> Concepts:
@@ -98,11 +98,18 @@ def _fit(cfg: Config, uris: list[str]) -> dict:
                        "objective": concepts.objective})
 
 
-def run_cluster(cfg: Config) -> dict:
-    """Cluster the committed features; returns the concepts manifest."""
+def run_cluster(cfg: Config) -> StageResult:
+    """Cluster the committed features; the result carries the concepts manifest and the points and k-means
+    objective of each pool."""
     out = concepts_output(cfg)
+    processed = 0
     if out.is_committed():
-        return out.manifest()
-    uris = parts.part_uris(features_output(cfg))
-    gpus = 1 if cluster_gpus() else 0
-    return ray.get(ray.remote(_fit).options(num_gpus=gpus, num_cpus=1).remote(cfg, uris))
+        manifest = out.manifest()
+    else:
+        uris = parts.part_uris(features_output(cfg))
+        gpus = 1 if cluster_gpus() else 0
+        manifest = ray.get(ray.remote(_fit).options(num_gpus=gpus, num_cpus=1).remote(cfg, uris))
+        processed = manifest["points_fg"] + manifest["points_bg"]
+    return StageResult("cluster", out.uri, manifest, processed, metrics={
+        "points_fg": manifest["points_fg"], "points_bg": manifest["points_bg"],
+        **{f"objective_{k}": v for k, v in manifest["objective"].items()}})

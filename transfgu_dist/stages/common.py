@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch
 
 from transfgu_dist import parts, storage
 from transfgu_dist.console import track
+from transfgu_dist.contract import StageResult
 from transfgu_dist.datasets import Sample
 from transfgu_dist.images import BadImageError, decode_image, to_float_batch
 from transfgu_dist.storage import StageOutput
@@ -101,17 +101,16 @@ def list_bad_images(out: StageOutput, bad: list[str], total: int) -> None:
         log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), total, listed)
 
 
-@dataclass
-class StageReport:
-    images: int        # images covered by the committed output
-    processed: int     # images processed by this run (the rest were already committed)
-    bad: list[str]     # unreadable images, skipped
-    manifest: dict[str, Any]
+def image_result(stage: str, out: StageOutput, manifest: dict[str, Any], processed: int) -> StageResult:
+    """An image stage's result: images covered by the committed output (`images`), processed by this run (the rest
+    were committed already), and unreadable ones skipped (`bad_images`, listed in the manifest)."""
+    return StageResult(stage, out.uri, manifest, processed, metrics={
+        "images": manifest["images"], "processed": processed, "bad_images": len(manifest["bad_images"])})
 
 
 def run_image_stage(stage: str, out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
                     actor_kwargs: dict[str, Any], images_per_task: int, images_per_part: int,
-                    extra_manifest: dict[str, Any]) -> StageReport:
+                    extra_manifest: dict[str, Any]) -> StageResult:
     """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
 
     Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
@@ -121,8 +120,7 @@ def run_image_stage(stage: str, out: StageOutput, samples: list[Sample], size: t
     one row per part with its number of `images` (unreadable ones included), counted on the `stage`'s progress.
     """
     if out.is_committed():
-        m = out.manifest()
-        return StageReport(m["images"], 0, m["bad_images"], m)
+        return image_result(stage, out, out.manifest(), 0)
     pending = parts.pending(samples, parts.coverage(out))
     log.info("%s: %d images, %d already done, %d to process", out.uri, len(samples), len(samples) - len(pending),
              len(pending))
@@ -144,4 +142,4 @@ def run_image_stage(stage: str, out: StageOutput, samples: list[Sample], size: t
     list_bad_images(out, bad, len(samples))
     manifest = out.commit({"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover),
                            **extra_manifest})
-    return StageReport(len(done), len(pending), sorted(bad), manifest)
+    return image_result(stage, out, manifest, len(pending))

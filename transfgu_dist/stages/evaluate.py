@@ -8,14 +8,16 @@ split and matched once.
 from __future__ import annotations
 
 import json
+import re
 import logging
 from typing import Any
 
 import numpy as np
 import ray
 
-from transfgu_dist import storage, synthetic
+from transfgu_dist import contract, storage, synthetic
 from transfgu_dist.config import Config
+from transfgu_dist.contract import StageResult
 from transfgu_dist.crf import CRFConfig
 from transfgu_dist.datasets import Sample, data_root, list_samples
 from transfgu_dist.decoder import MaskTransformer
@@ -38,14 +40,6 @@ def default_checkpoint(cfg: Config) -> str:
     """`eval.checkpoint`: "" -> bootstrap/final.pt, "best" -> bootstrap/best.pt, else the URI itself."""
     name = {"": "final.pt", "best": "best.pt"}.get(cfg.eval.checkpoint)
     return storage.join(cfg.output, "bootstrap", name) if name else cfg.eval.checkpoint
-
-
-def evaluate_dir(cfg: Config) -> str:
-    """`<output>/evaluate` for final.pt; `<output>/evaluate-<name>` for any other checkpoint, `-crf` appended
-    with eval.crf (kept apart)."""
-    name = "" if not cfg.eval.checkpoint else cfg.eval.checkpoint.rstrip("/").rsplit("/", 1)[-1].removesuffix(".pt")
-    name = "-".join(n for n in (name, "crf" if cfg.eval.crf else "") if n)
-    return storage.join(cfg.output, f"evaluate-{name}" if name else "evaluate")
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -117,16 +111,25 @@ def val_dataset(cfg: Config, samples: list[Sample]) -> ray.data.Dataset:
                           batch_size=cfg.eval.batch_size, num_cpus=1)
 
 
-def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
+def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) -> StageResult:
+    """The evaluate stage's result: mIoU, pixel accuracy and per-class IoU (names made MLflow-safe)."""
+    m = manifest["metrics"]
+    return StageResult("evaluate", out.uri, manifest, processed, metrics={
+        "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"],
+        **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()}})
+
+
+def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`.
 
-    Writes `evaluate_dir(cfg)/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and
-    `bad_images.txt` when images or labels could not be read; they are not scored) and commits
-    it with the metrics in the manifest; a committed stage returns its stored metrics without recomputing.
+    Writes `<folder>/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and
+    `bad_images.txt` when images or labels could not be read; they are not scored) and commits it with the metrics
+    in the manifest (the folder: contract.folder_uri; the result's metrics are mIoU, pixel accuracy and per-class
+    IoU); a committed stage returns its stored metrics without recomputing.
     """
-    out = StageOutput(evaluate_dir(cfg))
+    out = contract.output(cfg, "evaluate")
     if out.is_committed():
-        return out.manifest()["metrics"]
+        return evaluate_result(out, out.manifest(), 0)
     checkpoint = checkpoint or default_checkpoint(cfg)
     decoder, names = load_decoder(checkpoint, cfg), class_names(cfg)
     samples = list_samples(cfg, cfg.data.val_split)
@@ -153,4 +156,4 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> dict[str, Any]:
             panel = overlay_panel(image, gt, scores.matching[pred], names, IGNORE)
             out.write_part(f"overlays/{image_id}.png", panel)
     log.info("evaluate: mIoU %.4f, pixel accuracy %.4f over %d images", scores.miou, scores.pixel_accuracy, n_images)
-    return out.commit({"metrics": metrics})["metrics"]
+    return evaluate_result(out, out.commit({"metrics": metrics}), n_images)

@@ -10,20 +10,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transfgu_dist import parts, storage
+from transfgu_dist import contract, parts
 from transfgu_dist.config import Config
+from transfgu_dist.contract import StageResult
 from transfgu_dist.crops import (DROP, FG, classify_windows_batch, cut_crops, fg_fraction_batch, foreground_prior,
                                  sliding_windows, windows_to_boxes)
-from transfgu_dist.datasets import inputs_root, list_samples
+from transfgu_dist.datasets import list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.segmenter import autocast
-from transfgu_dist.stages.common import StageReport, actor_device, images_to_device, run_image_stage
+from transfgu_dist.stages.common import actor_device, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
 
 
 def features_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(inputs_root(cfg), "features"))
+    return contract.output(cfg, "extract")
 
 
 class CropEncoder:
@@ -79,7 +80,7 @@ class CropEncoder:
                 "crops": np.array([table.num_rows])}
 
 
-def run_extract(cfg: Config) -> StageReport:
+def run_extract(cfg: Config) -> StageResult:
     """Crop and encode every training image; resumable, committed when every image is covered."""
     out = features_output(cfg)
     samples = list_samples(cfg, cfg.data.train_split)

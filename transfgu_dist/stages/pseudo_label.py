@@ -10,21 +10,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transfgu_dist import parts, storage
+from transfgu_dist import contract, parts
 from transfgu_dist.config import Config
+from transfgu_dist.contract import StageResult
 from transfgu_dist.crops import foreground_prior
-from transfgu_dist.datasets import inputs_root, list_samples
+from transfgu_dist.datasets import list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.pseudo_labels import gradcam
 from transfgu_dist.stages.cluster import load_concepts
 from transfgu_dist.segmenter import autocast
-from transfgu_dist.stages.common import StageReport, actor_device, images_to_device, run_image_stage
+from transfgu_dist.stages.common import actor_device, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
 
 
 def bank_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(inputs_root(cfg), "bank"))
+    return contract.output(cfg, "pseudo_label")
 
 
 class ConceptMapper:
@@ -59,7 +60,7 @@ class ConceptMapper:
         return {"part": np.array([name]), "images": np.array([len(batch["image_id"])])}
 
 
-def run_pseudo_label(cfg: Config) -> StageReport:
+def run_pseudo_label(cfg: Config) -> StageResult:
     out = bank_output(cfg)
     samples = list_samples(cfg, cfg.data.train_split)
     return run_image_stage("pseudo_label", out, samples, cfg.pseudo.image_size, ConceptMapper,
