@@ -47,24 +47,6 @@ def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
     assert none["image"].shape == (0, 16, 16, 3) and none["maps"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
 
 
-def test_single_stage_job_keeps_other_stages_recorded_settings(tmp_path):
-    """A bootstrap-only job with other crops.* must not overwrite the crops the committed extract was made with;
-    a later run_all with those crops is then refused, naming the key."""
-    from transfgu_dist.cli import check_output
-    from transfgu_dist.config import ConfigError
-
-    (tmp_path / "features").mkdir()
-    (tmp_path / "features" / "_SUCCESS.json").write_text("{}")
-    base = [f"output={tmp_path}", "crops.crop_size=32"]
-    check_output(load_config(overrides=base), ["extract"])
-    check_output(load_config(overrides=[*base[:1], "crops.crop_size=16", "train.lr=0.5"]), ["bootstrap"])
-    recorded = load_config(tmp_path / "config.yaml")
-    assert recorded.crops.crop_size == 32 and recorded.train.lr == 0.5
-    stages = ["extract", "cluster", "pseudo_label", "bootstrap", "evaluate"]
-    with pytest.raises(ConfigError, match=r"other settings \(crops\.crop_size\)"):
-        check_output(load_config(overrides=[*base[:1], "crops.crop_size=16", "train.lr=0.5"]), stages)
-
-
 def test_garbage_config_yaml_names_the_file(tmp_path):
     from transfgu_dist.cli import check_output
     from transfgu_dist.config import ConfigError

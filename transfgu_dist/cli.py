@@ -102,9 +102,13 @@ def preflight(args: argparse.Namespace, stages: Sequence[str]) -> tuple[Config, 
 
 
 def check_output(cfg: Config, stages: Sequence[str]) -> None:
-    """Refuse to resume into an output folder whose committed stages were made with other settings."""
+    """Refuse to resume into outputs made with other settings (settings_guard: the manifests, parts and Ray Train
+    checkpoints carry them, `config.yaml` is not needed), then record the settings in `config.yaml`."""
     import yaml
 
+    from transfgu_dist import settings_guard
+
+    settings_guard.check(cfg, stages)
     uri = storage.join(cfg.output, "config.yaml")
     new = to_dict(cfg)
     if storage.exists(uri):
@@ -115,12 +119,6 @@ def check_output(cfg: Config, stages: Sequence[str]) -> None:
                               f"({str(e).splitlines()[0]}); restore or delete it") from None
         if not isinstance(old, dict):
             raise ConfigError(f"{uri}: expected a mapping of config sections, got {type(old).__name__}")
-        recorded = {f"{s}.{k}": v for s, values in old.items() if isinstance(values, dict) for k, v in values.items()}
-        changed = [key for stage in stages if contract.is_committed(cfg, stage)
-                   for key, value in contract.input_values(new, stage).items() if recorded.get(key) != value]
-        if changed:
-            raise ConfigError(f"{cfg.output} holds committed results made with other settings ({', '.join(changed)}); "
-                              f"use another output= or delete the stages to redo")
         # a job of some stages records only its own settings: other committed stages keep theirs
         for stage in set(STAGES) - set(stages):
             if contract.is_committed(cfg, stage):

@@ -24,7 +24,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from transfgu_dist import contract, parts, storage
+from transfgu_dist import contract, parts, settings_guard, storage
 from transfgu_dist.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
 from transfgu_dist.config import Config
 from transfgu_dist.console import epoch_lines
@@ -314,6 +314,7 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     tags = {"checkpoint": out.part_uri("final.pt")}
     if out.is_committed():
         return StageResult("bootstrap", out.uri, out.manifest(), tags=tags)
+    settings_guard.prepare_train_dir(cfg)
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
         result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
     last = len(cfg.train.round_epochs) - 1
@@ -321,7 +322,8 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     best = export_best(cfg, result.checkpoint)
     manifest = out.commit({"rounds": last + 1, "epochs": sum(cfg.train.round_epochs), "final": "final.pt",
                        "workers": cfg.train.num_workers, "metrics": result.metrics, **best,
-                       "train_checkpoint": result.checkpoint.path if result.checkpoint else None})
+                       "train_checkpoint": result.checkpoint.path if result.checkpoint else None,
+                       "settings": settings_guard.record(cfg, "bootstrap")})
     trained = sum(cfg.train.round_epochs) - result.metrics.get("resumed_at", 0) if result.metrics else 0
     return StageResult("bootstrap", out.uri, manifest, trained, tags=tags)
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from transfgu_dist import contract, parts, storage
+from transfgu_dist import contract, parts, settings_guard, storage
 from transfgu_dist.concepts import Concepts, fit_concepts
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
@@ -95,7 +95,7 @@ def _fit(cfg: Config, uris: list[str]) -> dict:
     out.write_part(CONCEPTS, buf.getvalue())
     return out.commit({"k_fg": c.k_fg, "k_bg": c.k_bg, "d": int(fg.shape[1]), "seed": c.seed, "niter": c.niter,
                        "points_fg": len(fg), "points_bg": len(bg),
-                       "objective": concepts.objective})
+                       "objective": concepts.objective, "settings": settings_guard.record(cfg, "cluster")})
 
 
 def run_cluster(cfg: Config) -> StageResult:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from transfgu_dist import contract, storage, synthetic
+from transfgu_dist import contract, settings_guard, storage, synthetic
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
 from transfgu_dist.crf import CRFConfig
@@ -156,4 +156,5 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
             panel = overlay_panel(image, gt, scores.matching[pred], names, IGNORE)
             out.write_part(f"overlays/{image_id}.png", panel)
     log.info("evaluate: mIoU %.4f, pixel accuracy %.4f over %d images", scores.miou, scores.pixel_accuracy, n_images)
-    return evaluate_result(out, out.commit({"metrics": metrics}), n_images)
+    return evaluate_result(out, out.commit({"metrics": metrics, "settings": settings_guard.record(cfg, "evaluate")}),
+                           n_images)

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transfgu_dist import contract, parts
+from transfgu_dist import contract, parts, settings_guard
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
 from transfgu_dist.crops import (DROP, FG, classify_windows_batch, cut_crops, fg_fraction_batch, foreground_prior,
@@ -40,6 +40,7 @@ class CropEncoder:
         self.betas = np.asarray(cfg.crops.betas, np.float32)[self.windows[:, 0]]
         side = cfg.crops.image_size[0] * cfg.crops.image_size[1]
         self.prior_chunk = max(1, cfg.crops.batch_size * cfg.crops.crop_size ** 2 // side)
+        self.settings = settings_guard.part_metadata(cfg, "extract")
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -73,7 +74,7 @@ class CropEncoder:
             "fg_fraction": pa.array(frac.numpy(), pa.float32()),
             "is_fg": pa.array((kinds[image_idx, win] == FG).numpy(), pa.bool_()),
             "feature": parts.fixed_list(np.concatenate(features), pa.from_numpy_dtype(features[0].dtype)),
-        })
+        }, metadata=self.settings)
         bad = [str(i) for i in batch["image_id"][~ok]]
         name = parts.write_part(self.out, table, ids, bad)
         return {"part": np.array([name]), "images": np.array([len(batch["image_id"])]),
@@ -86,4 +87,5 @@ def run_extract(cfg: Config) -> StageResult:
     samples = list_samples(cfg, cfg.data.train_split)
     return run_image_stage("extract", out, samples, cfg.crops.image_size, CropEncoder,
                            {"cfg": cfg, "out_uri": out.uri}, cfg.crops.images_per_task, cfg.crops.images_per_part,
-                           {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas)})
+                           {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas),
+                            "settings": settings_guard.record(cfg, "extract")})

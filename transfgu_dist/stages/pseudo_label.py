@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transfgu_dist import contract, parts
+from transfgu_dist import contract, parts, settings_guard
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
 from transfgu_dist.crops import foreground_prior
@@ -35,6 +35,7 @@ class ConceptMapper:
         self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         self.concepts = torch.from_numpy(load_concepts(cfg).centroids).to(self.dev)
+        self.settings = settings_guard.part_metadata(cfg, "pseudo_label")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["ok"]
@@ -55,7 +56,7 @@ class ConceptMapper:
             "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (len(ids), 1)), pa.int32()),
             "maps": parts.fixed_list(maps.float().flatten(1).to(torch.float16).cpu().numpy(), pa.float16()),
             "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
-        })
+        }, metadata=self.settings)
         name = parts.write_part(self.out, table, ids, [str(i) for i in batch["image_id"][~ok]])
         return {"part": np.array([name]), "images": np.array([len(batch["image_id"])])}
 
@@ -66,4 +67,4 @@ def run_pseudo_label(cfg: Config) -> StageResult:
     return run_image_stage("pseudo_label", out, samples, cfg.pseudo.image_size, ConceptMapper,
                            {"cfg": cfg, "out_uri": out.uri}, cfg.pseudo.batch_size, cfg.pseudo.images_per_part,
                            {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
-                            "response": cfg.pseudo.response})
+                            "response": cfg.pseudo.response, "settings": settings_guard.record(cfg, "pseudo_label")})
