@@ -176,6 +176,64 @@ def test_bootstrap_resumed_after_a_worker_failure_equals_the_uninterrupted_run(r
     assert all(torch.equal(best["decoder"][k], at_epoch["decoder"][k]) for k in best["decoder"])
 
 
+def refused(stage: str, *args: str) -> str:
+    """Run a job that must be refused before Ray starts: exit status 2 and one line on the console."""
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{stage}.py"), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_changed_settings_are_refused_without_config_yaml_and_through_source(run_dir, tmp_path):
+    """One stage rerun with one changed setting on a copy of the shared run with config.yaml deleted, and a run
+    reusing that copy through source=: refused in one line naming the key, nothing written."""
+    out = copy_bank(run_dir, tmp_path / "copy")
+    before = sorted(p for p in out.rglob("*"))
+    line = refused("pseudo_label", f"output={out}", *SMALL, "pseudo.similarity=dot")
+    assert f"{out / 'bank'}: committed results made with other settings (pseudo.similarity: cosine -> dot)" in line
+    line = refused("run_all", f"output={tmp_path / 'best'}", f"source={out}", *SMALL, "cluster.niter=3")
+    assert f"{out / 'concepts'}: committed results made with other settings (cluster.niter: " in line
+    assert sorted(p for p in out.rglob("*")) == before and not (tmp_path / "best" / "config.yaml").exists()
+
+
+def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_dir, tmp_path):
+    """Two bootstrap drivers started at once on one output: one holds it, the other exits at the lease in one line.
+    The holder's process group is SIGKILLed after epoch 0's checkpoint; the rerun takes over the stale lease, resumes
+    from that checkpoint and writes a final.pt byte-identical to the shared uninterrupted run's."""
+    import json
+
+    out = copy_bank(run_dir, tmp_path / "killed")
+    args = [sys.executable, str(ROOT / "jobs" / "bootstrap.py"), f"output={out}", *SMALL]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    snapshot = out / "ray_train" / "bootstrap" / "checkpoint_manager_snapshot.json"
+
+    def registered() -> int:
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):
+            return 0
+    try:
+        deadline = time.time() + 300
+        while not registered() and time.time() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [p.communicate()[0] for p in procs]
+    lost = [i for i, p in enumerate(procs) if p.returncode == 2]
+    assert len(lost) == 1, logs
+    assert logs[lost[0]].strip().count("\n") == 0 and "output held by another driver" in logs[lost[0]]
+    assert registered() == 1 and not (out / "bootstrap" / "_SUCCESS.json").exists(), "killed too late or too early"
+    job("bootstrap", f"output={out}", *SMALL)
+    resumed, clean = (json.loads((d / "bootstrap" / "_SUCCESS.json").read_text()) for d in (out, run_dir))
+    assert resumed["metrics"]["resumed_at"] == 1 and resumed["metrics"]["val/miou"] == clean["metrics"]["val/miou"]
+    assert (resumed["best_epoch"], resumed["best_miou"]) == (clean["best_epoch"], clean["best_miou"])
+    for name in ("final.pt", "best.pt"):
+        assert (out / "bootstrap" / name).read_bytes() == (run_dir / "bootstrap" / name).read_bytes(), name
+
+
 def stop_cluster(temp_dir: str) -> None:
     """Kill only the Ray processes of the cluster started with `temp_dir` (`ray stop` would kill every Ray here)."""
     for proc in Path("/proc").glob("[0-9]*/cmdline"):

@@ -16,8 +16,8 @@ class Stage:
     """A stage of the pipeline, in run order.
 
     folder: its output folder; under the inputs root (`source` when reused, else `output`) for the label-free
-    stages, else under `output`. inputs: the config sections (`crops`) or keys (`eval.image_size`) its output
-    depends on, besides its upstream stages' (a resume with other values would mix results)."""
+    stages, else under `output`. inputs: the config sections (`crops`), keys (`eval.image_size`) or top-level
+    keys (`seed`) its output depends on, besides its upstream stages' (a resume with other values would mix results)."""
     name: str
     folder: str
     inputs: tuple[str, ...]
@@ -28,7 +28,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("extract", "features", ("data", "encoder", "crops"), reusable=True),
+    Stage("extract", "features", ("seed", "data", "encoder", "crops"), reusable=True),  # seed: synthetic data
     Stage("cluster", "concepts", ("cluster",), reusable=True),
     Stage("pseudo_label", "bank", ("pseudo",), reusable=True),
     # validation during training scores at eval.image_size: best.pt depends on it
@@ -48,8 +48,9 @@ def input_values(config: dict[str, Any], name: str, with_upstream: bool = False)
     """`section.key` -> value of the stage's inputs (with its upstream stages' too) in a `config.to_dict`,
     resource keys left out."""
     names = [*upstream(name), name] if with_upstream else [name]
-    flat = {f"{section}.{k}": v for section, values in config.items() if isinstance(values, dict)
-            for k, v in values.items()}
+    flat = {k: v for k, v in config.items() if not isinstance(v, dict)}
+    flat.update({f"{section}.{k}": v for section, values in config.items() if isinstance(values, dict)
+                 for k, v in values.items()})
     wanted = [i for n in names for i in STAGES[n].inputs]
     return {k: v for k, v in flat.items() if k not in RESOURCE_KEYS and (k in wanted or k.split(".")[0] in wanted)}
 
