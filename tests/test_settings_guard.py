@@ -96,7 +96,8 @@ def test_ray_train_checkpoints_made_with_other_settings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"bootstrap: Ray Train checkpoints made with other settings"):
         settings_guard.check(cfg, ["bootstrap"])  # no record: not known to be this config's
     settings_guard.prepare_train_dir(cfg)  # the unregistered folder of a killed attempt goes; the record is written
-    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["checkpoint_a", "checkpoint_b"]
+    assert sorted(p.name for p in d.iterdir()) == ["checkpoint_a", "checkpoint_b", settings_guard.TRAIN_SNAPSHOT,
+                                                   settings_guard.TRAIN_RECORD]
     settings_guard.check(cfg, ["bootstrap"])
     refused(load_config(overrides=[*base, "decoder.n_layers=3"]), ["bootstrap"], "decoder.n_layers")
     settings_guard.check(load_config(overrides=[*base, "eval.n_overlays=5"]), ["bootstrap"])  # evaluate's only

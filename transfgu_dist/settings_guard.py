@@ -113,7 +113,8 @@ def prepare_train_dir(cfg: Config) -> None:
     snapshot = storage.join(d, TRAIN_SNAPSHOT)
     registered = {c["checkpoint_dir_name"] for c in storage.read_json(snapshot).get("checkpoint_results", [])} \
         if storage.exists(snapshot) else set()
-    folders = {f[len(d):].strip("/").split("/", 1)[0] for f in storage.list_files(d)}
+    rel = [f[len(d):].strip("/") for f in storage.list_files(d)]
+    folders = {r.split("/", 1)[0] for r in rel if "/" in r}  # not the snapshot file beside them
     for name in sorted(n for n in folders if n.startswith("checkpoint_") and n not in registered):
         storage.delete(storage.join(d, name))
     storage.write_json(storage.join(d, TRAIN_RECORD), record(cfg, "bootstrap"))
