@@ -199,8 +199,9 @@ def test_changed_settings_are_refused_without_config_yaml_and_through_source(run
 
 def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_dir, tmp_path):
     """Two bootstrap drivers started at once on one output: one holds it, the other exits at the lease in one line.
-    The holder's process group is SIGKILLed after epoch 0's checkpoint; the rerun takes over the stale lease, resumes
-    from that checkpoint and writes a final.pt byte-identical to the shared uninterrupted run's."""
+    The holder's process group and its local Ray are SIGKILLed once epoch 0's checkpoint is registered; the rerun
+    takes over the stale lease, resumes from the last registered checkpoint (never from scratch) and writes final.pt
+    and best.pt byte-identical to the shared uninterrupted run's."""
     import json
 
     out = copy_bank(run_dir, tmp_path / "killed")
@@ -209,31 +210,40 @@ def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_
                               start_new_session=True) for _ in range(2)]
     snapshot = out / "ray_train" / "bootstrap" / "checkpoint_manager_snapshot.json"
 
-    def registered() -> int:
+    def registered() -> list[str]:
         try:
-            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+            return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
         except (OSError, ValueError, KeyError):
-            return 0
+            return []
     try:
         deadline = time.time() + 300
         while not registered() and time.time() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+                for session in Path("/tmp/ray").glob(f"session_*_{p.pid}"):  # its Ray's own process groups
+                    stop_cluster(session.name)
     logs = [p.communicate()[0] for p in procs]
     lost = [i for i, p in enumerate(procs) if p.returncode == 2]
     assert len(lost) == 1, logs
     errors = [line for line in logs[lost[0]].splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "output held by another driver" in errors[0], logs[lost[0]]
-    assert registered() == 1 and not (out / "bootstrap" / "_SUCCESS.json").exists(), "killed too late or too early"
+    time.sleep(1)
+    before = registered()
+    assert before and not (out / "bootstrap" / "_SUCCESS.json").exists(), "killed too late or too early"
     job("bootstrap", f"output={out}", *SMALL)
     resumed, clean = (json.loads((d / "bootstrap" / "_SUCCESS.json").read_text()) for d in (out, run_dir))
-    assert resumed["metrics"]["resumed_at"] == 1 and resumed["metrics"]["val/miou"] == clean["metrics"]["val/miou"]
+    assert len(set(registered()) - set(before)) == 2 - len(before)  # only the epochs after the checkpoint ran again
+    if len(before) == 1:  # the usual case; on a loaded machine Ray may register epoch 1 too before it dies
+        assert resumed["metrics"]["resumed_at"] == 1
+    assert resumed["metrics"]["val/miou"] == clean["metrics"]["val/miou"]
     assert (resumed["best_epoch"], resumed["best_miou"]) == (clean["best_epoch"], clean["best_miou"])
     for name in ("final.pt", "best.pt"):
         assert (out / "bootstrap" / name).read_bytes() == (run_dir / "bootstrap" / name).read_bytes(), name
+    print(f"killed after {len(before)} registered checkpoint(s); val mIoU resumed {resumed['metrics']['val/miou']} "
+          f"uninterrupted {clean['metrics']['val/miou']}")
 
 
 def stop_cluster(temp_dir: str) -> None:
