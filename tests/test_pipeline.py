@@ -230,13 +230,13 @@ def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_
     assert len(lost) == 1, logs
     errors = [line for line in logs[lost[0]].splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "output held by another driver" in errors[0], logs[lost[0]]
-    time.sleep(1)
+    time.sleep(5)  # the dying Ray may still register the next epoch's checkpoint
     before = registered()
     assert before and not (out / "bootstrap" / "_SUCCESS.json").exists(), "killed too late or too early"
     job("bootstrap", f"output={out}", *SMALL)
     resumed, clean = (json.loads((d / "bootstrap" / "_SUCCESS.json").read_text()) for d in (out, run_dir))
     assert len(set(registered()) - set(before)) == 2 - len(before)  # only the epochs after the checkpoint ran again
-    if len(before) == 1:  # the usual case; on a loaded machine Ray may register epoch 1 too before it dies
+    if len(before) == 1:  # an epoch here takes ~0.3 s: the dying Ray often registers epoch 1 too, then none reruns
         assert resumed["metrics"]["resumed_at"] == 1
     assert resumed["metrics"]["val/miou"] == clean["metrics"]["val/miou"]
     assert (resumed["best_epoch"], resumed["best_miou"]) == (clean["best_epoch"], clean["best_miou"])
