@@ -151,7 +151,7 @@ def test_predict_probs_parquet_with_sliding_windows(trained, local_ray, tmp_path
 
 def test_evaluate_with_crf_kept_apart(e2e_run, local_ray):
     cfg = prepare(parse_args("", [f"--config={e2e_run / 'config.yaml'}", "eval.crf=true"]))
-    refined = run_evaluate(cfg)
+    refined = run_evaluate(cfg).manifest["metrics"]
     plain = storage.read_json(str(e2e_run / "evaluate" / "metrics.json"))
     assert (e2e_run / "evaluate-crf" / "_SUCCESS.json").exists() and 0 <= refined["miou"] <= 1
     assert refined["n_images"] == plain["n_images"] and refined["checkpoint"] == plain["checkpoint"]
