@@ -214,8 +214,8 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
               f"{summary['best/global_epoch']:.0f}; the reference protocol reports this epoch: score bootstrap/best.pt "
               f"with `jobs/evaluate.py eval.checkpoint=best`), last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
-        m = results["evaluate"].manifest["metrics"]
-        bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(results['evaluate'].uri, 'bad_images.txt')}"
+        m, folder = results["evaluate"].manifest["metrics"], results["evaluate"].uri
+        bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(folder, 'bad_images.txt')}"
                if m.get("n_bad_images") else "")
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
               f"({m['n_images']} val images{bad}, {m['checkpoint']})")
