@@ -10,8 +10,9 @@ import argparse
 import json
 import logging
 import os
+import sys
 
-from transfgu_dist import storage
+from transfgu_dist import settings_guard, storage
 from transfgu_dist.config import ConfigError, load_config
 from transfgu_dist.stages.common import init_ray
 from transfgu_dist.stages.pseudo_label import bank_output
@@ -44,4 +45,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # one line, as the other jobs print it
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -94,3 +94,13 @@ def test_sweep_resumes_and_tracks_trials_in_mlflow(e2e_run, tmp_path):
     assert best.source == str(source) and best.output == str(out / "best")
     log = job("run_all", "--config", str(out / "best.yaml"), "train.round_epochs=[1]")
     assert "mIoU" in log and (out / "best" / "evaluate" / "metrics.json").exists()
+
+
+def test_sweep_refuses_a_source_bank_made_with_other_settings(e2e_run, tmp_path):
+    space = ROOT / "tune_spaces" / "synthetic.yaml"
+    changed = [a if not a.startswith("crops.crop_size=") else "crops.crop_size=16" for a in SMALL]
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), str(space), f"--source={e2e_run}",
+                           f"--output={tmp_path / 'sweep'}", *changed], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "crops.crop_size: 32 -> 16" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()

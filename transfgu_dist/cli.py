@@ -210,9 +210,11 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
         model_uri = log_model(cfg, results) if "bootstrap" in results else None
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     if "best/val/miou" in summary:
+        by = "mIoU + pixel accuracy" if cfg.train.best_by == "miou_plus_acc" else "mIoU"
         print(f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
-              f"{summary['best/global_epoch']:.0f}; the reference protocol reports this epoch: score bootstrap/best.pt "
-              f"with `jobs/evaluate.py eval.checkpoint=best`), last {100 * summary['last/val/miou']:.2f}")
+              f"{summary['best/global_epoch']:.0f}, best by {by}; the reference protocol reports this epoch: score "
+              f"bootstrap/best.pt with `jobs/evaluate.py eval.checkpoint=best`), "
+              f"last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
         m, folder = results["evaluate"].manifest["metrics"], results["evaluate"].uri
         bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(folder, 'bad_images.txt')}"
