@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from transfgu_dist import storage
+from transfgu_dist import s3, storage
 from transfgu_dist.storage import StorageError
 
 MANIFEST = "_MANIFEST.json"
@@ -65,7 +65,7 @@ def stage_dataset(src: str | Path, dst: str, workers: int = 8, chunk_mb: int = 6
     dst = dst.rstrip("/")
     bucket, prefix = storage.split_s3(dst)
     files = local_files(src)
-    client = storage.boto3_client(max_pool_connections=max(10, 2 * workers))
+    client = s3.boto3_client(max_pool_connections=max(10, 2 * workers))
     try:
         there = remote_sizes(client, bucket, prefix)
     except errors as e:

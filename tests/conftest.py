@@ -75,15 +75,15 @@ def boto3_s3(endpoint: str):
 def s3_bucket(s3_server):
     """A fresh, empty bucket on the moto server; ``transfgu_dist.storage`` is configured to use
     the server.  Yields ``s3://<bucket>``."""
-    from transfgu_dist import storage
+    from transfgu_dist import s3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3_s3(s3_server).create_bucket(Bucket=name)
-    storage.configure(storage.S3Options(endpoint_url=s3_server, region=TEST_REGION))
+    s3.configure(s3.S3Options(endpoint_url=s3_server, region=TEST_REGION))
     try:
         yield f"s3://{name}"
     finally:
-        storage.configure(None)
+        s3.configure(None)
 
 
 @pytest.fixture(params=["local", "file", "s3"])

@@ -67,25 +67,25 @@ def test_heartbeat_refreshes_the_lease(tmp_path):
 
 
 @pytest.fixture
-def s3(s3_bucket):
+def s3_lease(s3_bucket):
     """(output URI, boto3 client, bucket, lease key) on a fresh bucket; one client for the whole test."""
-    from transfgu_dist import storage
+    from transfgu_dist import s3
 
-    return f"{s3_bucket}/run", storage.boto3_client(), s3_bucket.removeprefix("s3://"), f"run/{LEASE}"
+    return f"{s3_bucket}/run", s3.boto3_client(), s3_bucket.removeprefix("s3://"), f"run/{LEASE}"
 
 
-def record(s3) -> tuple[dict, str]:
-    _, client, bucket, key = s3
+def record(s3_lease) -> tuple[dict, str]:
+    _, client, bucket, key = s3_lease
     got = client.get_object(Bucket=bucket, Key=key)
     return json.loads(got["Body"].read()), got["ETag"]
 
 
-def test_s3_lease_conditional_put_refuses_the_second_driver(s3):
+def test_s3_lease_conditional_put_refuses_the_second_driver(s3_lease):
     from transfgu_dist.lease import S3Lease
 
-    out, client, bucket, _ = s3
+    out, client, bucket, _ = s3_lease
     first = hold(out)
-    assert isinstance(first, S3Lease) and record(s3)[0]["pid"] == os.getpid()
+    assert isinstance(first, S3Lease) and record(s3_lease)[0]["pid"] == os.getpid()
     with pytest.raises(LeaseError, match=f"{out}/{LEASE}: output held by another driver .*pid {os.getpid()}"):
         S3Lease(out, client=client).acquire()  # If-None-Match: * refused the put; the holder (same host) is live
     first.release()
@@ -94,26 +94,26 @@ def test_s3_lease_conditional_put_refuses_the_second_driver(s3):
     assert "Contents" not in client.list_objects_v2(Bucket=bucket)
 
 
-def test_s3_stale_lease_taken_over_once_and_a_stalled_holder_finds_out(s3):
+def test_s3_stale_lease_taken_over_once_and_a_stalled_holder_finds_out(s3_lease):
     """An expired heartbeat from another host is taken over with If-Match on its ETag; a second driver taking over
     the same stale ETag loses (412); the holder whose lease was taken stops its heartbeat (`lost`)."""
     from transfgu_dist.lease import S3Lease
 
-    out, client, bucket, key = s3
+    out, client, bucket, key = s3_lease
     put = lambda host, pid, age: client.put_object(  # noqa: E731
         Bucket=bucket, Key=key, Body=json.dumps({"host": host, "pid": pid, "time": time.time() - age}).encode())
     stale = put("elsewhere", 1, 30)["ETag"]
     with pytest.raises(LeaseError, match="host elsewhere, pid 1"):
         S3Lease(out, ttl=60, client=client).acquire()
     winner = S3Lease(out, ttl=0.4, client=client).acquire()  # 30 s without a heartbeat is past its 0.4 s ttl
-    assert record(s3)[0]["host"] != "elsewhere"
+    assert record(s3_lease)[0]["host"] != "elsewhere"
     with pytest.raises(LeaseError, match="another driver took the output"):
         S3Lease(out, client=client).take_over(stale)  # raced the winner on the same stale lease
     time.sleep(0.25)
-    beat, etag = record(s3)
+    beat, etag = record(s3_lease)
     assert beat["pid"] == os.getpid() and beat["time"] > time.time() - 0.2 and etag == winner.etag  # refreshed
     put("other", 2, 0)  # taken over behind the holder's back
     time.sleep(0.3)
-    assert winner.lost and record(s3)[0]["host"] == "other"  # the stalled holder did not write it back
+    assert winner.lost and record(s3_lease)[0]["host"] == "other"  # the stalled holder did not write it back
     winner.release()  # not ours any more: left in place
-    assert record(s3)[0]["host"] == "other"
+    assert record(s3_lease)[0]["host"] == "other"

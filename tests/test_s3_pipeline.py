@@ -23,7 +23,7 @@ import torch
 
 from conftest import SMALL, boto3_s3
 from test_storage import auth_s3_server  # noqa: F401  (fixture: a second moto server that checks credentials)
-from transfgu_dist import storage
+from transfgu_dist import s3, storage
 from transfgu_dist.config import load_config
 from transfgu_dist.datasets import list_samples
 
@@ -185,7 +185,7 @@ def test_wrong_credentials_messages(auth_s3_server, tmp_path, monkeypatch):  # n
            f"there (endpoint {auth_s3_server}): check the AWS credentials" in proc.stderr, proc.stderr
     for k, v in wrong.items():
         monkeypatch.setenv(k, v)
-    storage.configure(None)
+    s3.configure(None)
     cfg = load_config(overrides=["data.root=s3://some-bucket/data", "preset=cocostuff27"])
     with pytest.raises(storage.StorageError, match=r"^s3://some-bucket/data/images/train2017: access denied .*"
                                                    r"check the AWS credentials"):

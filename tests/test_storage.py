@@ -13,7 +13,7 @@ import urllib.request
 import pyarrow.fs as pafs
 import pytest
 
-from transfgu_dist import storage
+from transfgu_dist import s3, storage
 from transfgu_dist.storage import StageOutput, StorageError
 
 
@@ -118,7 +118,7 @@ def test_s3_options_defaults_from_env(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:2")
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
-    opts = storage.S3Options()
+    opts = s3.S3Options()
     assert opts.endpoint_url == "http://127.0.0.1:2"  # the S3-specific variable wins
     assert opts.region == "eu-west-3" and opts.anonymous is False
 
@@ -208,7 +208,7 @@ def test_uncommitted_manifest_and_bad_json(tmp_path):
 
 def test_unreachable_endpoint(s3_server):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    storage.configure(storage.S3Options(endpoint_url=dead, region=TEST_REGION))
+    s3.configure(s3.S3Options(endpoint_url=dead, region=TEST_REGION))
     try:
         t0 = time.monotonic()
         with pytest.raises(StorageError) as ei:
@@ -217,7 +217,7 @@ def test_unreachable_endpoint(s3_server):
         assert msg.startswith("s3://bucket/key:") and "cannot reach" in msg and dead in msg, msg
         assert time.monotonic() - t0 < 60
     finally:
-        storage.configure(None)
+        s3.configure(None)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def auth_s3_server(s3_server, tmp_path_factory):
 def test_wrong_credentials(auth_s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    storage.configure(storage.S3Options(endpoint_url=auth_s3_server, region=TEST_REGION))
+    s3.configure(s3.S3Options(endpoint_url=auth_s3_server, region=TEST_REGION))
     try:
         for call in (storage.read_bytes, lambda u: storage.write_bytes(u, b"x")):
             uri = "s3://some-bucket/some/key.bin"
@@ -264,7 +264,7 @@ def test_wrong_credentials(auth_s3_server, monkeypatch):
             assert msg.startswith(uri + ":") and "access denied" in msg, msg
             assert "credentials" in msg and auth_s3_server in msg, msg
     finally:
-        storage.configure(None)
+        s3.configure(None)
 
 
 # ------------------------------------------------------------------------------- Ray glue
@@ -350,7 +350,7 @@ def test_error_for_boto3_errors(s3_bucket):
 def test_boto3_client_reaches_the_configured_endpoint(s3_bucket):
     bucket, key = storage.split_s3(s3_bucket + "/a/b.txt")
     assert key == "a/b.txt"
-    storage.boto3_client().put_object(Bucket=bucket, Key=key, Body=b"via boto3")
+    s3.boto3_client().put_object(Bucket=bucket, Key=key, Body=b"via boto3")
     assert storage.read_bytes(s3_bucket + "/a/b.txt") == b"via boto3"
     with pytest.raises(StorageError, match="expected an s3://"):
         storage.split_s3("/local/path")

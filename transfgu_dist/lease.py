@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from transfgu_dist import storage
+from transfgu_dist import s3, storage
 from transfgu_dist.config import ConfigError
 
 LEASE = "_LEASE.json"
@@ -123,7 +123,7 @@ class S3Lease:
     def __init__(self, output: str, ttl: float = 600.0, client=None):
         self.uri, self.ttl = storage.join(output, LEASE), ttl
         self.bucket, self.key = storage.split_s3(self.uri)
-        self.client = client or storage.boto3_client()
+        self.client = client or s3.boto3_client()
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self.etag: str | None = None
         self.lost = False

@@ -5,11 +5,8 @@ abstraction Ray Data and Ray Train use, so a path that works here works as a Ray
 ``storage_path`` too (see :func:`ray_storage`).
 
 S3 configuration
-    Endpoint and region come from :class:`S3Options`, whose defaults are read from the standard
-    AWS environment variables (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` /
-    ``AWS_DEFAULT_REGION``).  Credentials are never handled here: the AWS SDK inside pyarrow uses
-    its default chain (environment variables, shared profile files, instance/pod role).  Call
-    :func:`configure` once per process to override the defaults (e.g. a MinIO endpoint).
+    Endpoint and region: :mod:`transfgu_dist.s3` (``s3.configure`` once per process overrides the AWS
+    environment defaults, e.g. for a MinIO endpoint).  Credentials are never handled here.
 
 Atomicity
     :func:`write_bytes` is atomic on both backends (rename on local disk; an S3 object only
@@ -41,12 +38,11 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from transfgu_dist import s3
+
 __all__ = [
-    "S3Options",
     "StageOutput",
     "StorageError",
-    "boto3_client",
-    "configure",
     "delete",
     "error_for",
     "exists",
@@ -57,7 +53,6 @@ __all__ = [
     "ray_storage",
     "read_bytes",
     "read_json",
-    "s3_options",
     "split_s3",
     "write_bytes",
     "write_json",
@@ -75,80 +70,10 @@ class StorageError(RuntimeError):
         super().__init__(f"{uri}: {message}")
 
 
-# --------------------------------------------------------------------------------------------
-# configuration
-
-
-def _env(*names: str) -> str | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value:
-            return value
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class S3Options:
-    """How to reach S3.  ``None`` fields fall back to the AWS SDK defaults.
-
-    ``endpoint_url`` is a full URL (``http://127.0.0.1:9000``) for S3-compatible stores
-    (MinIO, Ceph, moto); ``anonymous=True`` sends unsigned requests (public buckets).
-    """
-
-    endpoint_url: str | None = dataclasses.field(
-        default_factory=lambda: _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
-    region: str | None = dataclasses.field(
-        default_factory=lambda: _env("AWS_REGION", "AWS_DEFAULT_REGION"))
-    anonymous: bool = False
-
 
 _lock = threading.Lock()
-_configured: S3Options | None = None
-_fs_cache: dict[tuple, pafs.S3FileSystem] = {}
 _known_buckets: set[tuple] = set()  # (fs cache key, bucket) pairs verified to exist
-_region_cache: dict[str, str | None] = {}
 _local_fs = pafs.LocalFileSystem()
-
-
-def configure(opts: S3Options | None) -> None:
-    """Set the process-wide S3 options (``None``: back to the AWS environment defaults)."""
-    global _configured
-    with _lock:
-        _configured = opts
-
-
-def _options() -> S3Options:
-    # Read the environment at call time when nothing was configured, so that env vars set
-    # after import (tests, Ray runtime_env) are honoured.
-    return _configured if _configured is not None else S3Options()
-
-
-def s3_options() -> S3Options:
-    """The S3 options in effect in this process (:func:`configure`'d, else from the environment)."""
-    return _options()
-
-
-def boto3_client(max_pool_connections: int = 10) -> Any:
-    """A boto3 S3 client reaching the same store as everything here (endpoint, region, anonymous).
-
-    For what pyarrow does not offer (e.g. boto3's parallel multipart ``upload_file``); the
-    credentials come from boto3's default chain, like pyarrow's.
-    """
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config as BotoConfig
-
-    opts = _options()
-    extra: dict[str, Any] = {}
-    endpoint = None
-    if opts.endpoint_url:
-        endpoint = opts.endpoint_url if "://" in opts.endpoint_url else "https://" + opts.endpoint_url
-        extra["s3"] = {"addressing_style": "path"}  # as the pyarrow filesystem: S3-compatible stores
-    if opts.anonymous:
-        extra["signature_version"] = UNSIGNED
-    config = BotoConfig(max_pool_connections=max_pool_connections, connect_timeout=10, read_timeout=60,
-                        retries={"max_attempts": 3, "mode": "standard"}, **extra)
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=opts.region, config=config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +90,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
     if not parsed.netloc:
         raise StorageError(uri, "expected s3://<bucket>/<key>, got no bucket name")
     if parsed.query:
-        raise StorageError(uri, "query parameters are not supported; use S3Options / "
+        raise StorageError(uri, "query parameters are not supported; use transfgu_dist.s3.S3Options / "
                                 "AWS_ENDPOINT_URL_S3 to set the endpoint")
     return parsed.netloc, parsed.path.strip("/")
 
@@ -190,50 +115,6 @@ def _local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def _make_s3(opts: S3Options, region: str | None) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = dict(
-        anonymous=opts.anonymous,
-        connect_timeout=10,
-        request_timeout=60,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-        # Small writes become one PutObject on close instead of a multipart upload; either
-        # way the object only appears once complete.
-        allow_delayed_open=True,
-    )
-    if region:
-        kwargs["region"] = region
-    if opts.endpoint_url:
-        ep = urlparse(opts.endpoint_url if "://" in opts.endpoint_url
-                      else "https://" + opts.endpoint_url)
-        kwargs["endpoint_override"] = ep.netloc + ep.path.rstrip("/")
-        kwargs["scheme"] = ep.scheme or "https"
-        # S3-compatible stores are usually addressed path-style.
-        kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs)
-
-
-def _s3_filesystem(bucket: str) -> tuple[pafs.S3FileSystem, tuple]:
-    opts = _options()
-    region = opts.region
-    if region is None and opts.endpoint_url is None:
-        # AWS proper with no region configured: find the bucket's region (one HEAD request,
-        # cached), else leave it to the SDK default.
-        if bucket not in _region_cache:
-            try:
-                found: str | None = pafs.resolve_s3_region(bucket)
-            except (OSError, pa.ArrowException):
-                found = None
-            with _lock:
-                _region_cache[bucket] = found
-        region = _region_cache[bucket]
-    key = (bucket, opts.endpoint_url, region, opts.anonymous)
-    with _lock:
-        fs = _fs_cache.get(key)
-        if fs is None:
-            fs = _fs_cache[key] = _make_s3(opts, region)
-    return fs, key
-
-
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it (``bucket/key`` on S3).
 
@@ -241,7 +122,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """
     if is_s3(uri):
         bucket, key = _split_s3(uri)
-        fs, _ = _s3_filesystem(bucket)
+        fs, _ = s3.filesystem(bucket)
         return fs, f"{bucket}/{key}" if key else bucket
     return _local_fs, _local_path(uri)
 
@@ -261,14 +142,14 @@ def join(uri: str, *parts: str) -> str:
 
 
 def _endpoint_desc() -> str:
-    ep = _options().endpoint_url
+    ep = s3.options().endpoint_url
     return f" (endpoint {ep})" if ep else ""
 
 
 def _bucket_exists(uri: str) -> bool | None:
     """True / False for an S3 URI's bucket; None if that cannot be told (e.g. no access)."""
     bucket, _ = _split_s3(uri)
-    fs, key = _s3_filesystem(bucket)
+    fs, key = s3.filesystem(bucket)
     if (key, bucket) in _known_buckets:
         return True
     try:
@@ -285,14 +166,14 @@ def _bucket_exists(uri: str) -> bool | None:
 def _translate(uri: str, exc: BaseException, expected: str) -> StorageError:
     msg = str(exc)
     low = msg.lower()
-    s3 = is_s3(uri)
-    bucket = _split_s3(uri)[0] if s3 else None
-    ep = _endpoint_desc() if s3 else ""
+    on_s3 = is_s3(uri)
+    bucket = _split_s3(uri)[0] if on_s3 else None
+    ep = _endpoint_desc() if on_s3 else ""
 
-    if s3 and ("no_such_bucket" in low or "nosuchbucket" in low
+    if on_s3 and ("no_such_bucket" in low or "nosuchbucket" in low
                or "bucket does not exist" in low):
         return StorageError(uri, f"bucket '{bucket}' does not exist{ep}")
-    if s3 and any(s in low for s in ("access_denied", "accessdenied", "invalidaccesskeyid",
+    if on_s3 and any(s in low for s in ("access_denied", "accessdenied", "invalidaccesskeyid",
                                      "signaturedoesnotmatch", "invalid_access_key_id",
                                      "signature_does_not_match", "expiredtoken",
                                      "http response code: 403", "forbidden")):
@@ -300,7 +181,7 @@ def _translate(uri: str, exc: BaseException, expected: str) -> StorageError:
             uri, f"access denied while trying to {expected}{ep}: check the AWS credentials "
                  "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role) "
                  f"and the bucket policy [{_first_line(msg)}]")
-    if s3 and any(s in low for s in ("network_connection", "couldn't connect",
+    if on_s3 and any(s in low for s in ("network_connection", "couldn't connect",
                                      "could not connect", "curlcode: 7", "curlcode: 6",
                                      "curlcode: 28", "connection refused", "timed out",
                                      "timeout")):
@@ -309,11 +190,11 @@ def _translate(uri: str, exc: BaseException, expected: str) -> StorageError:
                  f"{expected} [{_first_line(msg)}]")
     if isinstance(exc, FileNotFoundError) or "path does not exist" in low \
             or "no_such_key" in low or "nosuchkey" in low \
-            or (s3 and ("(404)" in low or "not found" in low)):  # boto3 HeadObject: "(404) ... Not Found"
-        if s3 and _bucket_exists(uri) is False:
+            or (on_s3 and ("(404)" in low or "not found" in low)):  # boto3 HeadObject: "(404) ... Not Found"
+        if on_s3 and _bucket_exists(uri) is False:
             return StorageError(uri, f"bucket '{bucket}' does not exist{ep}")
-        if s3:
-            where = f"; endpoint {_options().endpoint_url}" if _options().endpoint_url else ""
+        if on_s3:
+            where = f"; endpoint {s3.options().endpoint_url}" if s3.options().endpoint_url else ""
             return StorageError(uri, f"does not exist (tried to {expected}{where})")
         detail = "" if expected == "read it" else f" [{_first_line(msg)}]"
         return StorageError(uri, f"does not exist (tried to {expected}){detail}")

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from transfgu_dist import storage
+from transfgu_dist import s3, storage
 from transfgu_dist.config import Config, dump_yaml, to_dict
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def use_experiment(cfg: Config) -> str:
     """Point mlflow at the tracking store and the experiment, creating it with its artifact root if new."""
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    endpoint = storage.s3_options().endpoint_url
+    endpoint = s3.options().endpoint_url
     if endpoint:  # MLflow's S3 artifact store reaches the same S3-compatible endpoint as the pipeline
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint)
     wanted = artifact_root(cfg, uri)
