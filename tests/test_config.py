@@ -7,7 +7,7 @@ from transfgu_dist.config import ConfigError, dump_yaml, load_config
 def test_preset_profile_and_overrides(tmp_path):
     cfg = load_config(preset="cocostuff27")
     assert (cfg.cluster.k_fg, cfg.cluster.k_bg, cfg.n_concepts, cfg.n_outputs) == (12, 15, 27, 27)
-    assert cfg.profile == "reference" and cfg.pseudo.similarity == "cosine" and cfg.pseudo.loss_scale == 1 / 8
+    assert cfg.profile == "reference" and cfg.pseudo.similarity == "cosine" and cfg.pseudo.loss_scale is None
     paper = load_config(preset="cocostuff27", profile="paper")
     assert paper.pseudo.similarity == "dot" and paper.decoder.mask_head == "scaled_dot" and paper.loss.alpha_step == 0
     voc = load_config(preset="voc", overrides=["loss.t_bg=0.2", "train.round_epochs=[1, 1]"])

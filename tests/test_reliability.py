@@ -32,19 +32,22 @@ def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
     Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(good)
     (tmp_path / "garbled.png").write_bytes(b"\x89PNG garbage")
     K, h, w = 3, 2, 2
-    maps = [np.full(K * h * w, i, np.float16) for i in range(3)]
+    terms = [np.full(K * h * w, i, np.float16) for i in range(3)]
+    shared = [np.full(h * w, i, np.float32) for i in range(3)]
     batch = {"image_id": np.array(["good", "garbled", "deleted"]),
              "uri": np.array([str(good), str(tmp_path / "garbled.png"), str(tmp_path / "deleted.png")]),
-             "grid": np.array([[h, w]] * 3), "maps": np.array(maps + [None], dtype=object)[:3],
+             "grid": np.array([[h, w]] * 3), "terms": np.array(terms + [None], dtype=object)[:3],
+             "shared": np.array(shared + [None], dtype=object)[:3], "scale": np.ones(3, np.float32),
              "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3]}
     cfg = load_config(overrides=["train.image_size=[16, 16]"])
     rows = bank_rows(batch, cfg)
     assert rows["image"].shape == (1, 16, 16, 3) and rows["image"].min() == 200
-    assert rows["maps"].shape == (1, K, h, w) and (rows["maps"] == 0).all()  # the good row's maps
+    assert rows["terms"].shape == (1, K, h, w) and (rows["terms"] == 0).all()  # the good row's maps
+    assert rows["shared"].shape == (1, h, w) and (rows["shared"] == 0).all() and rows["scale"].shape == (1,)
     assert rows["fg_prior"].shape == (1, h, w)
     assert "dropped 2 unreadable images of 3" in caplog.text and "garbled, deleted" in caplog.text
     none = bank_rows({k: v[1:] for k, v in batch.items()}, cfg)
-    assert none["image"].shape == (0, 16, 16, 3) and none["maps"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
+    assert none["image"].shape == (0, 16, 16, 3) and none["terms"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
 
 
 def test_garbage_config_yaml_names_the_file(tmp_path):

@@ -34,13 +34,14 @@ def write_bank(cfg, k: int, seed: int = 0) -> None:
     """A committed pseudo-label bank (random response maps) and concepts for the training images of `cfg`."""
     import pyarrow as pa
 
-    from transfgu_dist import parts
+    from transfgu_dist import bank, parts
     from transfgu_dist.concepts import Concepts
     from transfgu_dist.datasets import list_samples
     from transfgu_dist.encoder import ARCHS
     from transfgu_dist.stages.cluster import CONCEPTS, concepts_output
     from transfgu_dist.stages.pseudo_label import bank_output
 
+    torch = torch_module()
     rng = np.random.default_rng(seed)
     dim, p = ARCHS[cfg.encoder.arch][1], ARCHS[cfg.encoder.arch][0]
     concepts = Concepts(rng.standard_normal((k, dim), dtype=np.float32), np.arange(k) < cfg.cluster.k_fg,
@@ -52,7 +53,7 @@ def write_bank(cfg, k: int, seed: int = 0) -> None:
     out.commit({"k_fg": cfg.cluster.k_fg, "k_bg": cfg.cluster.k_bg})
     h, w = (s // p for s in cfg.pseudo.image_size)
     samples = list_samples(cfg, cfg.data.train_split)
-    bank = bank_output(cfg)
+    out_bank = bank_output(cfg)
     for start in range(0, len(samples), cfg.pseudo.batch_size):
         chunk = samples[start:start + cfg.pseudo.batch_size]
         n = len(chunk)
@@ -60,11 +61,12 @@ def write_bank(cfg, k: int, seed: int = 0) -> None:
             "image_id": pa.array([s.image_id for s in chunk], pa.string()),
             "uri": pa.array([s.image for s in chunk], pa.string()),
             "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (n, 1)), pa.int32()),
-            "maps": parts.fixed_list(rng.random((n, k * h * w), dtype=np.float32).astype(np.float16), pa.float16()),
+            **bank.columns(torch.from_numpy(rng.random((n, h, w), dtype=np.float32)),
+                           torch.from_numpy(rng.random((n, k, h, w), dtype=np.float32) * 1e-3)),
             "fg_prior": parts.fixed_list(rng.random((n, h * w)) < 0.5, pa.bool_()),
         })
-        parts.write_part(bank, table, [s.image_id for s in chunk], [])
-    bank.commit({"images": len(samples), "bad_images": []})
+        parts.write_part(out_bank, table, [s.image_id for s in chunk], [])
+    out_bank.commit({"images": len(samples), "bad_images": []})
 
 
 def bare_bootstrapper(cfg):
@@ -148,7 +150,9 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
     gen = torch.Generator().manual_seed(0)
     batch = {"image": torch.randint(0, 256, (size.batch_size, size.image_size, size.image_size, 3),
                                     dtype=torch.uint8, generator=gen).to(boot.dev),
-             "maps": torch.rand(size.batch_size, size.k, h, h, generator=gen).half().to(boot.dev),
+             "shared": torch.rand(size.batch_size, h, h, generator=gen).to(boot.dev),
+             "terms": torch.rand(size.batch_size, size.k, h, h, generator=gen).half().to(boot.dev),
+             "scale": torch.full((size.batch_size,), 2.0 ** -10).to(boot.dev),
              "fg_prior": (torch.rand(size.batch_size, h, h, generator=gen) < 0.5).to(boot.dev)}
     with PeakMemory() as mem:
         timings["bare_step"] = measure(lambda: boot.step(batch, 0.05), repeats)

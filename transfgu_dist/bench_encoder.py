@@ -136,7 +136,8 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
 
     dev = torch_device()
     encoder = build_encoder(EncoderConfig(arch=size.arch, weights="random")).to(dev)
-    cfg = PseudoLabelConfig(image_size=(size.image_size, size.image_size), batch_size=size.batch_size)
+    cfg = PseudoLabelConfig(image_size=(size.image_size, size.image_size), batch_size=size.batch_size,
+                            loss_scale=1 / size.batch_size)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(size.batch_size, 3, size.image_size, size.image_size, generator=gen).to(dev)
     timings, rates, ratios, memory = {}, {}, {}, {}

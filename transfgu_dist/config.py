@@ -79,11 +79,12 @@ class PseudoLabelConfig:
     image_size: tuple[int, int] = (320, 320)
     similarity: str = "cosine"          # dot: x S^T / sqrt(d) (Eq. 5) | cosine (reference)
     response: str = "reference"         # paper: M = dSim/dA + A (Eq. 7) | reference: max-normalised A + top-mass rectified gradient
-    loss_scale: float = 1.0             # reference: 1/N of its Grad-CAM batch (batch-mean loss), e.g. 0.125
+    loss_scale: float | None = None     # Grad-CAM loss factor; None: 1/len(batch) for every batch, a final partial
+                                        # one too (reference: batch-mean loss) | paper: 1.0
     top_mass: float = 0.8               # reference: keep the gradient on its top 80% mass
     split_fg_bg: bool = False           # paper sec 4.2: fg pixels get no bg concepts and vice versa
     batch_size: int = 8                 # images per Grad-CAM batch
-    images_per_part: int = 256          # images per bank part: 27 x 40 x 40 fp16 maps = 86 KB an image, ~22 MB a part
+    images_per_part: int = 256          # images per bank part: 27 x 40 x 40 maps = 93 KB an image, ~24 MB a part
 
 
 @dataclass
@@ -186,7 +187,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.per_batch_augment": False,
     },
     "reference": {
-        "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.split_fg_bg": False,
+        "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.loss_scale": None,
+        "pseudo.split_fg_bg": False,
         "decoder.mask_head": "cosine_ln", "loss.alpha_step": 0.01, "loss.diversity": "reference",
         "loss.label_norm": "minmax", "crops.window_rule": "reference", "decoder.block_eps": 1e-5,
         "decoder.class_init": "orthogonal", "train.best_by": "miou_plus_acc", "train.skip_nonpositive_loss": True,
@@ -194,7 +196,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 
-_COCO = {"data.layout": "cocostuff", "crops.prior": "attention", "pseudo.loss_scale": 1 / 8,
+_COCO = {"data.layout": "cocostuff", "crops.prior": "attention",
          "train.batch_size": 256, "train.round_epochs": (2,) * 100}
 PRESETS: dict[str, dict[str, Any]] = {
     "synthetic": {"encoder.random_fallback": True,
@@ -207,19 +209,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "coco80": {**_COCO, "data.n_classes": 81, "cluster.k_fg": 80, "cluster.k_bg": 0, "loss.background_channel": True,
                "train.round_epochs": (3,) * 10 + (2,) * 85},
     "voc": {"data.layout": "voc", "data.n_classes": 21, "cluster.k_fg": 20, "cluster.k_bg": 0,
-            "crops.betas": (0.6, 0.5, 0.4, 0.3), "loss.background_channel": True, "pseudo.loss_scale": 1 / 8,
+            "crops.betas": (0.6, 0.5, 0.4, 0.3), "loss.background_channel": True,
             "train.batch_size": 512, "train.epoch_repeat": 20,
             "train.round_epochs": (5,) * 8 + (4,) * 12 + (2,) + (3,) * 3 + (1,)},
     "cityscapes27": {"data.layout": "cityscapes", "data.n_classes": 27, "cluster.k_fg": 27, "cluster.k_bg": 0,
                      "crops.prior": "none", "crops.image_size": (640, 1280), "pseudo.image_size": (320, 640),
-                     "train.image_size": (320, 640), "eval.image_size": (320, 640), "pseudo.loss_scale": 1 / 2,
+                     "train.image_size": (320, 640), "eval.image_size": (320, 640), "pseudo.batch_size": 2,
                      "train.lr": 5e-5, "train.batch_size": 256, "train.round_epochs": (1,) * 50,
                      "train.epoch_repeat": 20},
     **{f"lip{k}": {"data.layout": "lip", "data.n_classes": k + 1, "cluster.k_fg": k, "cluster.k_bg": 0,
                    "crops.prior": "all_fg", "crops.image_size": (1280, 640), "pseudo.image_size": (640, 320),
                    "train.image_size": (480, 240) if k < 19 else (640, 320),
                    "eval.image_size": (480, 240) if k < 19 else (640, 320), "loss.background_channel": True,
-                   "pseudo.loss_scale": 1 / 2, "train.lr": 1e-4 if k == 5 else 2e-5,
+                   "pseudo.batch_size": 2, "train.lr": 1e-4 if k == 5 else 2e-5,
                    "train.batch_size": 512 if k < 19 else 256,
                    "train.round_epochs": (2,) * 50 if k < 19 else (3,) * 10 + (2,) * 35}
        for k in (5, 16, 19)},

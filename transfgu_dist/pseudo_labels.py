@@ -47,27 +47,49 @@ def top_mass_mask(x: torch.Tensor, mass: float) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted).view_as(x)
 
 
-def response_maps(attn: torch.Tensor, grad: torch.Tensor, cfg: PseudoLabelConfig) -> torch.Tensor:
-    """Response maps M^k (B, K, h, w) from A_L^cls (B, h, w) and the loss gradients (B, K, h, w).
+def response_terms(attn: torch.Tensor, grad: torch.Tensor, cfg: PseudoLabelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """M^k split as a shared term (B, h, w) and per-concept terms (B, K, h, w), NaN where M^k is forced to 0.
 
     paper (Eq. 7): M^k = GRAD-CAM + A, with GRAD-CAM = -d loss_k / dA = d sim_k / dA, the direction that
-      increases the similarity Eq. 5 maximises.
+      increases the similarity Eq. 5 maximises: shared A, terms -grad.
     reference: A / max(A) plus the rectified negative gradient kept on its top `top_mass` mass, and M^k = 0
-      wherever the gradient is positive.
+      wherever the gradient is positive (NaN there).
+    The shared term is the same for every concept, so the argmax over k is decided by the terms alone: stored
+    apart they keep fp16's relative precision (transfgu_dist.bank); summed first they do not (issue 11 point 3).
     """
-    a = attn.unsqueeze(1)
     if cfg.response == "paper":
-        return a - grad
+        return attn, -grad
     evidence = (-grad).clamp_min(0)
     evidence = evidence * top_mass_mask(evidence, cfg.top_mass)
-    a = a / a.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
-    return (a + evidence).masked_fill(grad > 0, 0.0)
+    shared = attn / attn.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+    return shared, evidence.masked_fill(grad > 0, float("nan"))
+
+
+def compose(shared: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """M^k = shared + term_k, and 0 where the term is NaN: (B, K, h, w) in the wider of the two dtypes."""
+    maps = shared.unsqueeze(1) + terms
+    return maps.masked_fill(terms.isnan(), 0.0)
+
+
+def response_maps(attn: torch.Tensor, grad: torch.Tensor, cfg: PseudoLabelConfig) -> torch.Tensor:
+    """Response maps M^k (B, K, h, w) from A_L^cls (B, h, w) and the loss gradients (B, K, h, w) (Eq. 7)."""
+    return compose(*response_terms(attn, grad, cfg))
+
+
+def gradcam_terms(encoder: ViTEncoder, images: torch.Tensor, concepts: torch.Tensor,
+                  cfg: PseudoLabelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shared term (B, h, w), per-concept terms (B, K, h, w) (see `response_terms`) and A_L^cls (B, h, w) for a
+    batch of normalised images. pseudo.loss_scale None: 1/len(images), the reference's batch-mean loss."""
+    out = encoder(images, with_patch=False, attn_grad=True)
+    scale = 1 / len(images) if cfg.loss_scale is None else cfg.loss_scale
+    grad = attention_gradients(out, concepts.to(out.cls.dtype), cfg.similarity, scale)
+    attn = out.attn.detach()
+    shared, terms = response_terms(attn.float(), grad.detach().float(), cfg)
+    return shared, terms, attn
 
 
 def gradcam(encoder: ViTEncoder, images: torch.Tensor, concepts: torch.Tensor,
             cfg: PseudoLabelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Response maps (B, K, h, w) of all concepts for a batch of normalised images, and A_L^cls (B, h, w)."""
-    out = encoder(images, with_patch=False, attn_grad=True)
-    grad = attention_gradients(out, concepts.to(out.cls.dtype), cfg.similarity, cfg.loss_scale)
-    attn = out.attn.detach()
-    return response_maps(attn, grad, cfg).detach(), attn
+    shared, terms, attn = gradcam_terms(encoder, images, concepts, cfg)
+    return compose(shared, terms), attn

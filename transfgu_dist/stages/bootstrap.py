@@ -24,7 +24,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from transfgu_dist import contract, parts, settings_guard, storage
+from transfgu_dist import bank, contract, parts, settings_guard, storage
 from transfgu_dist.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
 from transfgu_dist.config import Config
 from transfgu_dist.console import epoch_lines
@@ -53,7 +53,8 @@ def bootstrap_output(cfg: Config) -> StageOutput:
 
 
 def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: bank rows joined with their decoded images, maps reshaped to (K, h, w). Rows whose image
+    """Ray Data CPU task: bank rows joined with their decoded images, map terms reshaped to (K, h, w) (decoded to
+    fp32 maps on the trainer, transfgu_dist.bank, so fp16 terms cross the object store). Rows whose image
     can no longer be read (deleted or garbled since pseudo_label) are dropped, not trained on as black images."""
     batch = load_images(batch, cfg.train.image_size)
     ok = batch["ok"]
@@ -61,7 +62,8 @@ def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray
         log.warning("bootstrap: dropped %d unreadable images of %d in this batch: %s", int((~ok).sum()), len(ok),
                     ", ".join(map(str, batch["image_id"][~ok])))
     n, (h, w) = len(ok), batch["grid"][0]
-    return {"image": batch["image"][ok], "maps": np.stack(batch["maps"]).reshape(n, -1, h, w)[ok],
+    return {"image": batch["image"][ok], "shared": np.stack(batch["shared"]).reshape(n, h, w)[ok],
+            "terms": np.stack(batch["terms"]).reshape(n, -1, h, w)[ok], "scale": batch["scale"][ok],
             "fg_prior": np.stack(batch["fg_prior"]).reshape(n, h, w)[ok]}
 
 
@@ -148,7 +150,7 @@ class Bootstrapper:
     def step(self, batch: dict[str, torch.Tensor], alpha: float) -> dict[str, float]:
         cfg = self.cfg
         images = photometric(batch["image"].permute(0, 3, 1, 2).float().div(255), self.aug, self.gen)
-        maps, fg = batch["maps"].float(), batch["fg_prior"].float()
+        maps, fg = bank.decode(batch["shared"], batch["terms"], batch["scale"]), batch["fg_prior"].float()
         B, K, h, w = maps.shape
         H, W = images.shape[-2:]
         boxes = random_crop_boxes(B, H, W, self.aug, self.gen)

@@ -1,7 +1,7 @@
 """Stage 3, pseudo-label: the bank of Grad-CAM response maps of all K concepts for every training image (Eqs 5-7).
 
-One Parquet row per image: image_id, uri, grid (h, w), maps (K*h*w float16: the raw M^k of Eq. 7) and
-fg_prior (h*w bool: the binarised A_L^cls). T_bg, normalisation and argmax are applied when loading
+One Parquet row per image: image_id, uri, grid (h, w), the raw M^k of Eq. 7 as shared, terms and scale
+(transfgu_dist.bank: fp16 size, fp32 labels) and fg_prior (h*w bool: the binarised A_L^cls). T_bg, normalisation and argmax are applied when loading
 (transfgu_dist.targets), so they can change without recomputing the bank.
 """
 from __future__ import annotations
@@ -10,14 +10,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transfgu_dist import contract, parts, settings_guard
+from transfgu_dist import bank, contract, parts, settings_guard
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
 from transfgu_dist.crops import foreground_prior
 from transfgu_dist.datasets import list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
-from transfgu_dist.pseudo_labels import gradcam
+from transfgu_dist.pseudo_labels import gradcam_terms
 from transfgu_dist.stages.cluster import load_concepts
 from transfgu_dist.segmenter import autocast
 from transfgu_dist.stages.common import actor_device, images_to_device, run_image_stage
@@ -43,18 +43,18 @@ class ConceptMapper:
         images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
         if ids:
             with autocast(self.dev):  # Grad-CAM batches of pseudo.batch_size images; one part for the whole call
-                cams = [gradcam(self.encoder, x, self.concepts, self.cfg.pseudo)
+                cams = [gradcam_terms(self.encoder, x, self.concepts, self.cfg.pseudo)
                         for x in images.split(self.cfg.pseudo.batch_size)]
-            maps, attn = torch.cat([m for m, _ in cams]), torch.cat([a for _, a in cams])
+            shared, terms, attn = (torch.cat(t) for t in zip(*cams))
         else:  # every image of the batch unreadable: an empty part records them
             h, w = (s // self.encoder.patch_size for s in self.cfg.pseudo.image_size)
-            maps, attn = torch.zeros(0, len(self.concepts), h, w), torch.zeros(0, h, w)
+            shared, terms, attn = torch.zeros(0, h, w), torch.zeros(0, len(self.concepts), h, w), torch.zeros(0, h, w)
         h, w = attn.shape[-2:]
         table = pa.table({
             "image_id": pa.array(ids, pa.string()),
             "uri": pa.array([str(u) for u in batch["uri"][ok]], pa.string()),
             "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (len(ids), 1)), pa.int32()),
-            "maps": parts.fixed_list(maps.float().flatten(1).to(torch.float16).cpu().numpy(), pa.float16()),
+            **bank.columns(shared, terms),
             "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
         }, metadata=self.settings)
         name = parts.write_part(self.out, table, ids, [str(i) for i in batch["image_id"][~ok]])
