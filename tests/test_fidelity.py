@@ -11,7 +11,9 @@ from transfgu_dist.config import DecoderConfig, EncoderConfig, PseudoLabelConfig
 from transfgu_dist.crops import sliding_windows, windows_to_boxes
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import build_encoder
+from transfgu_dist.images import resize_labels, to_float_batch
 from transfgu_dist.pseudo_labels import compose, gradcam_terms
+from transfgu_dist.resizing import ANTIALIAS, Resizing, resize_crops, resizing
 from transfgu_dist.targets import minmax
 
 STARTS_640 = {0.5: [0, 160, 312], 0.4: [0, 128, 256, 376], 0.3: [0, 96, 192, 288, 384, 440],
@@ -202,3 +204,39 @@ def test_gradcam_loss_scale_is_one_over_batch_length():
     assert not torch.allclose(terms(images[:3], None), terms(images[:3], 1.0), atol=1e-7)
     assert _cfg("cocostuff27").pseudo.loss_scale is None and _cfg("cocostuff27", "paper").pseudo.loss_scale == 1.0
     assert _cfg("cityscapes27").pseudo.batch_size == _cfg("lip19").pseudo.batch_size == 2  # the authors' N
+
+
+def test_reference_resize_methods_per_profile():
+    """reference: COCO full images nearest (OpenCV), other layouts plain bilinear; crops plain bilinear; labels
+    `nearest`. paper keeps antialiased bilinear, RoI-Align crops and `nearest-exact` labels."""
+    assert resizing(_cfg("cocostuff27").data) == Resizing("nearest", "bilinear", "bilinear", "nearest")
+    assert resizing(_cfg("voc").data) == Resizing("bilinear", "bilinear", "bilinear", "nearest")
+    assert resizing(_cfg("cocostuff27", "paper").data) == ANTIALIAS == Resizing("antialias", "antialias",
+                                                                               "roi_align", "nearest-exact")
+
+
+def test_resize_methods_hand_worked():
+    """3 -> 5 px: OpenCV nearest takes floor(d * 3/5) = 0,0,1,1,2, nearest-exact floor((d + .5) * 3/5) = 0,0,1,2,2.
+    4 -> 2 px of 0,1,2,3: plain bilinear samples 0.5 and 2.5; antialiased averages (the first is 1.25/1.75)."""
+    row = np.array([[[0, 0, 0], [100, 100, 100], [200, 200, 200]]], np.uint8)  # (1, 3, 3): one row of 3 px
+    near = to_float_batch(row, (1, 5), "nearest")[0, 0, 0].mul(255).round().tolist()
+    assert near == [0, 0, 100, 100, 200]
+    labels = torch.tensor([[0, 1, 2]])
+    assert resize_labels(labels, (1, 5), "nearest").tolist() == [[0, 0, 1, 1, 2]]
+    assert resize_labels(labels, (1, 5)).tolist() == [[0, 0, 1, 2, 2]]  # nearest-exact (paper profile)
+    ramp = np.repeat(np.array([[0, 51, 102, 153]], np.uint8)[..., None], 3, axis=2)  # values 0, 1, 2, 3 (x 51)
+    plain = to_float_batch(ramp, (1, 2), "bilinear")[0, 0, 0].mul(255 / 51).tolist()
+    assert plain == pytest.approx([0.5, 2.5], abs=1e-5)
+    assert to_float_batch(ramp, (1, 2))[0, 0, 0, 0].mul(255 / 51).item() == pytest.approx(1.25 / 1.75, abs=1e-5)
+
+
+def test_plain_crop_resize_hand_worked():
+    """A 3-px-wide box resized to 2 px: plain bilinear samples x = (d + .5) * 1.5 - .5 = 0.25, 1.75; RoI-Align
+    averages two samples a bin (-0.125 -> 0 clamped, 0.625) = 0.3125 for the first. Boxes are rounded to pixels."""
+    image = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 2, 4).contiguous()  # value = column
+    roi = torch.tensor([[0, 0.2, 0, 3.2, 2]])
+    assert resize_crops(image, roi, (2, 2), "bilinear")[0, 0, 0].tolist() == pytest.approx([0.25, 1.75])
+    assert resize_crops(image, roi.round(), (2, 2), "roi_align")[0, 0, 0, 0].item() == pytest.approx(0.3125)
+    two = torch.tensor([[0, 0, 0, 3, 2], [0, 1, 0, 4, 2], [0, 0, 0, 2, 2]], dtype=torch.float32)  # 2 sizes
+    out = resize_crops(image, two, (2, 2), "bilinear")
+    assert out[1, 0, 0].tolist() == pytest.approx([1.25, 2.75]) and out[2, 0, 0].tolist() == pytest.approx([0.0, 1.0])

@@ -13,6 +13,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from transfgu_dist.crops import cut_crops
+from transfgu_dist.resizing import resize_crops
 
 
 @dataclass
@@ -34,6 +35,7 @@ class AugmentConfig:
     blur_kernel: int = 3
     crop_scales: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     flip_p: float = 0.5
+    crop_resize: str = "roi_align"  # image crops: roi_align | bilinear (whole-pixel box, plain resize: reference)
     per_batch: bool = False
 
 
@@ -93,7 +95,8 @@ def crop_and_flip(
     cfg: AugmentConfig,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop-resize images (B, 3, H, W) and RoI-Align soft labels (B, K, h, w) with the same boxes, then flip.
+    """Crop-resize images (B, 3, H, W) (cfg.crop_resize) and RoI-Align soft labels (B, K, h, w) with the same
+    boxes, then flip.
 
     The label box is the image box scaled by (w/W, h/H) (sec 4.2: "crop and resize the pseudo label
     by RoI-Align"); each flipped image has its label flipped too.
@@ -101,8 +104,11 @@ def crop_and_flip(
     n, _, height, width = images.shape
     h, w = soft_labels.shape[-2:]
     rois = torch.cat([torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
+    if cfg.crop_resize == "bilinear":
+        rois = rois.round()  # the reference crops whole pixels; the label box follows the same box
     label_rois = rois * rois.new_tensor([1, w / width, h / height, w / width, h / height])
-    images, soft_labels = cut_crops(images, rois, image_out), cut_crops(soft_labels, label_rois, label_out)
+    images = resize_crops(images, rois, image_out, cfg.crop_resize)
+    soft_labels = cut_crops(soft_labels, label_rois, label_out)
     flip = (torch.rand(n, generator=gen, device=gen.device) < cfg.flip_p)[:, None, None, None]
     flip = flip.to(images.device)
     return torch.where(flip, images.flip(-1), images), torch.where(flip, soft_labels.flip(-1), soft_labels)

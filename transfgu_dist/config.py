@@ -33,6 +33,8 @@ class DataConfig:
     synthetic_train: int = 48
     synthetic_val: int = 16
     synthetic_size: int = 128
+    resize: str = "reference"            # reference: nearest (COCO full images) / plain bilinear, labels `nearest` |
+                                         # antialias: antialiased bilinear, RoI-Align crops (transfgu_dist.resizing)
 
 
 @dataclass
@@ -184,7 +186,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "decoder.mask_head": "scaled_dot", "loss.alpha_step": 0.0, "loss.diversity": "paper",
         "loss.label_norm": "none", "crops.window_rule": "paper", "decoder.block_eps": 1e-6,
         "decoder.class_init": "trunc_normal", "train.best_by": "miou", "train.skip_nonpositive_loss": False,
-        "train.per_batch_augment": False,
+        "train.per_batch_augment": False, "data.resize": "antialias",
     },
     "reference": {
         "pseudo.similarity": "cosine", "pseudo.response": "reference", "pseudo.loss_scale": None,
@@ -192,7 +194,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "decoder.mask_head": "cosine_ln", "loss.alpha_step": 0.01, "loss.diversity": "reference",
         "loss.label_norm": "minmax", "crops.window_rule": "reference", "decoder.block_eps": 1e-5,
         "decoder.class_init": "orthogonal", "train.best_by": "miou_plus_acc", "train.skip_nonpositive_loss": True,
-        "train.per_batch_augment": True,
+        "train.per_batch_augment": True, "data.resize": "reference",
     },
 }
 
@@ -346,7 +348,7 @@ def validate(cfg: Config) -> None:
                "loss.diversity": ("paper", "reference"), "loss.label_norm": ("none", "minmax"),
                "crops.window_rule": ("reference", "paper"), "decoder.class_init": ("orthogonal", "trunc_normal"),
                "train.best_by": ("miou_plus_acc", "miou"),
-               "crops.feature_dtype": ("float32", "float16")}
+               "crops.feature_dtype": ("float32", "float16"), "data.resize": ("reference", "antialias")}
     for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -57,15 +57,22 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
     return (batch - mean) / std
 
 
-def _resize_uint8(stack: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+RESIZE_METHODS = ("antialias", "bilinear", "nearest")
+
+
+def _resize_uint8(stack: np.ndarray, size: tuple[int, int], method: str) -> torch.Tensor:
     x = torch.from_numpy(stack).permute(0, 3, 1, 2).float().div_(255.0)
     if tuple(x.shape[-2:]) == tuple(size):
         return x.contiguous()
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    if method == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=method == "antialias")
 
 
-def to_float_batch(images: list[np.ndarray] | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 HWC image(s) -> float NCHW in [0, 1] resized (bilinear, antialiased) to ``size``.
+def to_float_batch(images: list[np.ndarray] | np.ndarray, size: tuple[int, int],
+                   method: str = "antialias") -> torch.Tensor:
+    """uint8 HWC image(s) -> float NCHW in [0, 1] resized to ``size`` by `method`: antialias (bilinear,
+    antialiased), bilinear (plain, align_corners False) or nearest (OpenCV's INTER_NEAREST rule).
 
     Accepts one ``[H, W, 3]`` array, an ``[N, H, W, 3]`` array or a list; equally shaped inputs
     are resized in a single batched call.
@@ -77,16 +84,20 @@ def to_float_batch(images: list[np.ndarray] | np.ndarray, size: tuple[int, int])
     for im in images:
         if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
             raise ValueError(f"expected uint8 [H, W, 3] images, got {im.dtype} {im.shape}")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method {method!r}: expected one of {', '.join(RESIZE_METHODS)}")
     if len({im.shape for im in images}) == 1:
-        return _resize_uint8(np.stack(list(images)), size)
-    return torch.cat([_resize_uint8(im[None].copy(), size) for im in images])
+        return _resize_uint8(np.stack(list(images)), size, method)
+    return torch.cat([_resize_uint8(im[None].copy(), size, method) for im in images])
 
 
-def resize_labels(labels: np.ndarray | torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of ``[H, W]`` or ``[N, H, W]`` label maps; dtype is kept."""
+def resize_labels(labels: np.ndarray | torch.Tensor, size: tuple[int, int],
+                  mode: str = "nearest-exact") -> torch.Tensor:
+    """Nearest-neighbour resize of ``[H, W]`` or ``[N, H, W]`` label maps (`nearest-exact` or the reference's
+    `nearest`); dtype is kept."""
     t = torch.as_tensor(labels)
     if tuple(t.shape[-2:]) == tuple(size):
         return t.clone()
     x = t.reshape(-1, 1, *t.shape[-2:]).float()
-    out = F.interpolate(x, size=size, mode="nearest-exact")
+    out = F.interpolate(x, size=size, mode=mode)
     return out.to(t.dtype).reshape(*t.shape[:-2], *size)

@@ -37,6 +37,7 @@ from transfgu_dist.stages.cluster import load_concepts
 from transfgu_dist.datasets import list_samples
 from transfgu_dist.metrics import confusion_matrix, scores_from_confusion
 from transfgu_dist.stages.common import cluster_gpus, images_to_device, load_images
+from transfgu_dist.resizing import resizing
 from transfgu_dist.segmenter import predict
 from transfgu_dist.stages.evaluate import IGNORE, val_dataset
 from transfgu_dist.tracking import log_epoch
@@ -56,7 +57,7 @@ def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray
     """Ray Data CPU task: bank rows joined with their decoded images, map terms reshaped to (K, h, w) (decoded to
     fp32 maps on the trainer, transfgu_dist.bank, so fp16 terms cross the object store). Rows whose image
     can no longer be read (deleted or garbled since pseudo_label) are dropped, not trained on as black images."""
-    batch = load_images(batch, cfg.train.image_size)
+    batch = load_images(batch, cfg.train.image_size, resizing(cfg.data).images)
     ok = batch["ok"]
     if not ok.all():
         log.warning("bootstrap: dropped %d unreadable images of %d in this batch: %s", int((~ok).sum()), len(ok),
@@ -105,7 +106,7 @@ class Bootstrapper:
         self.initial = copy.deepcopy(self.student.state_dict())
         self.teacher: MaskTransformer | None = None
         self.optimizer = make_optimizer(self.student, cfg)
-        self.aug = AugmentConfig(per_batch=cfg.train.per_batch_augment)
+        self.aug = AugmentConfig(per_batch=cfg.train.per_batch_augment, crop_resize=resizing(cfg.data).crops)
         self.gen = torch.Generator(device=dev).manual_seed(cfg.train.seed + ray.train.get_context().get_world_rank())
         is_fg = torch.from_numpy(load_concepts(cfg).is_fg).to(dev)
         self.is_fg = is_fg if cfg.pseudo.split_fg_bg and 0 < int(is_fg.sum()) < len(is_fg) else None

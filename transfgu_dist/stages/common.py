@@ -73,13 +73,14 @@ def actor_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_images(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: read and decode images, resize to `size`; unreadable ones are flagged, not fatal."""
+def load_images(batch: dict[str, np.ndarray], size: tuple[int, int], method: str = "antialias") -> dict[str, np.ndarray]:
+    """Ray Data CPU task: read and decode images, resize to `size` (images.to_float_batch `method`); unreadable
+    ones are flagged, not fatal."""
     images, ok = [], []
     for uri in batch["uri"]:
         try:
             img = decode_image(storage.read_bytes(uri), uri)
-            images.append(to_float_batch(img, size)[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+            images.append(to_float_batch(img, size, method)[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy())
             ok.append(True)
         except (BadImageError, storage.StorageError) as e:
             log.warning("skipping image: %s", e)
@@ -110,8 +111,9 @@ def image_result(stage: str, out: StageOutput, manifest: dict[str, Any], process
 
 def run_image_stage(stage: str, out: StageOutput, samples: list[Sample], size: tuple[int, int], actor: type,
                     actor_kwargs: dict[str, Any], images_per_task: int, images_per_part: int,
-                    extra_manifest: dict[str, Any]) -> StageResult:
-    """Map `actor` over the images not yet covered by a committed part of `out`, then commit `out`.
+                    extra_manifest: dict[str, Any], resize: str = "antialias") -> StageResult:
+    """Map `actor` over the images not yet covered by a committed part of `out` (resized to `size` by `resize`,
+    images.to_float_batch), then commit `out`.
 
     Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
     GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
@@ -126,7 +128,8 @@ def run_image_stage(stage: str, out: StageOutput, samples: list[Sample], size: t
              len(pending))
     if pending:
         ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
-        ds = ds.map_batches(load_images, fn_kwargs={"size": size}, batch_size=images_per_task, num_cpus=1)
+        ds = ds.map_batches(load_images, fn_kwargs={"size": size, "method": resize}, batch_size=images_per_task,
+                            num_cpus=1)
         ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
         for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
             pass

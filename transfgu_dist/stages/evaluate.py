@@ -19,6 +19,7 @@ from transfgu_dist import contract, settings_guard, storage, synthetic
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
 from transfgu_dist.crf import CRFConfig
+from transfgu_dist.resizing import ANTIALIAS, Resizing, resizing
 from transfgu_dist.datasets import Sample, data_root, list_samples
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import build_encoder
@@ -58,16 +59,18 @@ def class_names(cfg: Config) -> list[str]:
     return names
 
 
-def load_labeled_images(batch: dict[str, np.ndarray], size: tuple[int, int],
-                        label_map: str | None = None) -> dict[str, np.ndarray]:
+def load_labeled_images(batch: dict[str, np.ndarray], size: tuple[int, int], label_map: str | None = None,
+                        resize: Resizing = ANTIALIAS) -> dict[str, np.ndarray]:
     """Ray Data CPU task: images (load_images) plus their GT labels resized (nearest) to the eval size, the
     protocol resolution of reference sec 7.1; an unreadable image or label becomes all-ignore and `ok` False.
-    `label_map` names the label_maps table taking raw label values to class ids (None: read as class ids)."""
-    batch = load_images(batch, size)
+    `label_map` names the label_maps table taking raw label values to class ids (None: read as class ids);
+    `resize` gives the image and label methods (data.resize)."""
+    batch = load_images(batch, size, resize.images)
     gt = np.full((len(batch["label"]), *size), IGNORE, np.uint8)
     for i, uri in enumerate(batch["label"]):
         try:
-            gt[i] = resize_labels(remap_label(label_map, decode_label(storage.read_bytes(uri), uri)), size).numpy()
+            gt[i] = resize_labels(remap_label(label_map, decode_label(storage.read_bytes(uri), uri)), size,
+                                  resize.labels).numpy()
         except (BadImageError, storage.StorageError) as e:
             log.warning("skipping image: %s", e)
             batch["ok"][i] = False
@@ -107,7 +110,8 @@ def val_dataset(cfg: Config, samples: list[Sample]) -> ray.data.Dataset:
     """The val samples with images and GT at the eval size."""
     ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image, "label": s.label} for s in samples])
     label_map = table_name(cfg.data.layout, cfg.data.n_classes)
-    return ds.map_batches(load_labeled_images, fn_kwargs={"size": tuple(cfg.eval.image_size), "label_map": label_map},
+    return ds.map_batches(load_labeled_images, fn_kwargs={"size": tuple(cfg.eval.image_size), "label_map": label_map,
+                                                             "resize": resizing(cfg.data)},
                           batch_size=cfg.eval.batch_size, num_cpus=1)
 
 

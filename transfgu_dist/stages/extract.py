@@ -2,7 +2,7 @@
 
 Writes one Parquet row per kept crop: image_id, beta, box (x1, y1, x2, y2 in resized-image pixels),
 fg_fraction, is_fg, feature (CLS token, fixed-size list of crops.feature_dtype). Crops are cut on the encoder's device
-(one RoI-Align per batch) from the resized image: shipping the crops themselves would move ~35x the bytes.
+(batched, transfgu_dist.resizing) from the resized image: shipping the crops themselves would move ~35x the bytes.
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import torch
 from transfgu_dist import contract, parts, settings_guard
 from transfgu_dist.config import Config
 from transfgu_dist.contract import StageResult
-from transfgu_dist.crops import (DROP, FG, classify_windows_batch, cut_crops, fg_fraction_batch, foreground_prior,
+from transfgu_dist.crops import (DROP, FG, classify_windows_batch, fg_fraction_batch, foreground_prior,
                                  sliding_windows, windows_to_boxes)
 from transfgu_dist.datasets import list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
+from transfgu_dist.resizing import resize_crops, resizing
 from transfgu_dist.segmenter import autocast
 from transfgu_dist.stages.common import actor_device, images_to_device, run_image_stage
 from transfgu_dist.storage import StageOutput
@@ -32,6 +33,7 @@ class CropEncoder:
 
     def __init__(self, cfg: Config, out_uri: str):
         self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
+        self.crop_resize = resizing(cfg.data).crops
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         p = self.encoder.patch_size
         h, w = (s // p for s in cfg.crops.image_size)
@@ -63,7 +65,7 @@ class CropEncoder:
         dtype = getattr(torch, self.cfg.crops.feature_dtype)
         features = [np.zeros((0, self.encoder.dim), self.cfg.crops.feature_dtype)]
         for chunk in boxes_t.to(self.dev).split(crops_cfg.batch_size) if len(boxes_t) else ():  # () if all bad
-            crops = cut_crops(images, chunk, crops_cfg.crop_size)
+            crops = resize_crops(images, chunk, crops_cfg.crop_size, self.crop_resize)
             with autocast(self.dev):
                 features.append(self.encoder(crops, with_patch=False).cls.to(dtype).cpu().numpy())
         keep = win.numpy()
@@ -87,5 +89,5 @@ def run_extract(cfg: Config) -> StageResult:
     samples = list_samples(cfg, cfg.data.train_split)
     return run_image_stage("extract", out, samples, cfg.crops.image_size, CropEncoder,
                            {"cfg": cfg, "out_uri": out.uri}, cfg.crops.images_per_task, cfg.crops.images_per_part,
-                           {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas),
-                            "settings": settings_guard.record(cfg, "extract")})
+                           {"encoder": cfg.encoder.arch, "betas": list(cfg.crops.betas), "resize": cfg.data.resize,
+                            "settings": settings_guard.record(cfg, "extract")}, resizing(cfg.data).full)

@@ -18,6 +18,7 @@ from transfgu_dist.datasets import list_samples
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import normalize
 from transfgu_dist.pseudo_labels import gradcam_terms
+from transfgu_dist.resizing import resizing
 from transfgu_dist.stages.cluster import load_concepts
 from transfgu_dist.segmenter import autocast
 from transfgu_dist.stages.common import actor_device, images_to_device, run_image_stage
@@ -67,4 +68,5 @@ def run_pseudo_label(cfg: Config) -> StageResult:
     return run_image_stage("pseudo_label", out, samples, cfg.pseudo.image_size, ConceptMapper,
                            {"cfg": cfg, "out_uri": out.uri}, cfg.pseudo.batch_size, cfg.pseudo.images_per_part,
                            {"concepts": cfg.n_concepts, "similarity": cfg.pseudo.similarity,
-                            "response": cfg.pseudo.response, "settings": settings_guard.record(cfg, "pseudo_label")})
+                            "response": cfg.pseudo.response, "resize": cfg.data.resize,
+                            "settings": settings_guard.record(cfg, "pseudo_label")}, resizing(cfg.data).full)
