@@ -12,6 +12,7 @@ from transfgu_dist.crops import sliding_windows, windows_to_boxes
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import build_encoder
 from transfgu_dist.images import resize_labels, to_float_batch
+from transfgu_dist.metrics import scores_from_confusion
 from transfgu_dist.pseudo_labels import compose, gradcam_terms
 from transfgu_dist.resizing import ANTIALIAS, Resizing, resize_crops, resizing
 from transfgu_dist.targets import minmax
@@ -240,3 +241,29 @@ def test_plain_crop_resize_hand_worked():
     two = torch.tensor([[0, 0, 0, 3, 2], [0, 1, 0, 4, 2], [0, 0, 0, 2, 2]], dtype=torch.float32)  # 2 sizes
     out = resize_crops(image, two, (2, 2), "bilinear")
     assert out[1, 0, 0].tolist() == pytest.approx([1.25, 2.75]) and out[2, 0, 0].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_table3_scores_the_bank_argmax(tmp_path):
+    """Two 4x4 training images, GT left half class 0 / right half class 1; the 2x2-grid bank puts concept 1 on
+    the left and concept 0 on the right (terms 2e-4 vs 1e-4 on a shared A): conf[gt, pseudo] = [[0, 64], [64, 0]]
+    over both images (GT and labels at 8x8), which Hungarian matching scores as mIoU 1. An image without GT
+    is left out."""
+    from PIL import Image
+
+    from transfgu_dist.stages.table3 import bank_confusion
+
+    gt = np.repeat(np.array([[0, 0, 1, 1]], np.uint8), 4, axis=0)
+    for i in ("a", "b"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(gt).save(tmp_path / f"{i}_gt.png")
+    terms = torch.tensor([[[1e-4, 2e-4], [1e-4, 2e-4]], [[2e-4, 1e-4], [2e-4, 1e-4]]])  # (K, h, w)
+    terms = torch.stack([terms, terms, terms])  # images a, b, c (c has no GT)
+    s, t, scale = bank.encode(torch.full((3, 2, 2), 0.5), terms)
+    batch = {"image_id": np.array(["a", "b", "c"]), "uri": np.array([str(tmp_path / f"{i}.png") for i in "abc"]),
+             "grid": np.array([[2, 2]] * 3), "shared": s, "terms": t, "scale": scale,
+             "fg_prior": np.ones((3, 4), bool)}
+    cfg = load_config(overrides=["eval.image_size=[8, 8]", "data.n_classes=2", "cluster.k_fg=1", "cluster.k_bg=1"])
+    labels = {i: str(tmp_path / f"{i}_gt.png") for i in "ab"}
+    conf = bank_confusion(batch, cfg, None, labels)["confusion"][0]
+    assert conf.tolist() == [[0, 64], [64, 0]]
+    assert scores_from_confusion(conf).miou == 1.0

@@ -70,6 +70,17 @@ def test_end_to_end_outputs(run_dir):
     assert (run_dir / "evaluate" / "confusion.png").exists() and list((run_dir / "evaluate" / "overlays").glob("*.png"))
 
 
+def test_table3_report(run_dir):
+    """evaluate reports the paper's Table 3 figures beside its own: bank argmax, round-0 student, student."""
+    import json
+
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    t = metrics["table3"]
+    assert t["student"] == metrics["miou"] and 0 < t["pseudo_labels"] <= 1 and 0 < t["round0_student"] <= 1
+    line = next(x for x in (run_dir / "console.log").read_text().splitlines() if x.startswith("Table 3 mIoU: "))
+    assert f"-> student {100 * metrics['miou']:.2f}" in line and f"pseudo labels {100 * t['pseudo_labels']:.2f}" in line
+
+
 def test_mlflow_tracks_every_stage(run_dir):
     from mlflow.tracking import MlflowClient
 

@@ -217,6 +217,9 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
               f"last {100 * summary['last/val/miou']:.2f}")
     if "evaluate" in results:
         m, folder = results["evaluate"].manifest["metrics"], results["evaluate"].uri
+        if "table3" in m:
+            from transfgu_dist.stages.table3 import table3_line
+            print(table3_line(m["table3"]))
         bad = (f"; {m['n_bad_images']} unreadable, not scored: {storage.join(folder, 'bad_images.txt')}"
                if m.get("n_bad_images") else "")
         print(f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "

@@ -120,7 +120,8 @@ def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) 
     m = manifest["metrics"]
     return StageResult("evaluate", out.uri, manifest, processed, metrics={
         "miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"],
-        **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()}})
+        **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()},
+        **{f"table3/{k}": v for k, v in m.get("table3", {}).items() if v is not None}})
 
 
 def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
@@ -151,6 +152,8 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"],
                "per_class_iou": dict(zip(names, s["per_class_iou"])), "matching": s["matching"],
                "n_images": n_images, "n_bad_images": len(bad), "bad_images": bad, "checkpoint": checkpoint}
+    from transfgu_dist.stages.table3 import table3  # imports this module
+    metrics["table3"] = table3(cfg, samples, s["miou"])
     out.write_part("metrics.json", json.dumps(metrics, indent=2).encode())
     out.write_part("confusion.png", confusion_matrix_png(scores.confusion, names))
     out.write_part("per_class_iou.png", per_class_iou_png(scores.per_class_iou, names))
