@@ -22,6 +22,7 @@ from transfgu_dist.crf import CRFConfig, dense_crf
 from transfgu_dist.decoder import MaskTransformer
 from transfgu_dist.encoder import ARCHS, ViTEncoder, build_encoder
 from transfgu_dist.images import normalize, to_float_batch
+from transfgu_dist.resizing import resizing
 
 CHECKPOINT_KEYS = ("decoder", "n_outputs", "encoder", "round")
 ARTIFACT_FORMAT = "transfgu-segmenter/1"
@@ -188,6 +189,7 @@ class Segmenter:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     crf: CRFConfig | None = None                    # dense-CRF refinement at each image's size (off: None)
     sliding: SlidingWindow | None = None            # sliding-window inference (off: resize to image_size)
+    resize: str = "antialias"                       # images.to_float_batch method: data.resize's eval images
 
     @classmethod
     def from_checkpoint(cls, uri: str, cfg: Config | None = None, metrics: str | None = None,
@@ -203,7 +205,7 @@ class Segmenter:
                                   f"artifact written by jobs/export.py loads on its own")
         else:
             seg = cls(build_encoder(cfg.encoder), load_decoder(uri, cfg), cfg.encoder, cfg.decoder,
-                      tuple(cfg.eval.image_size), list(class_names))
+                      tuple(cfg.eval.image_size), list(class_names), resize=resizing(cfg.data).images)
         if metrics:
             seg.matching = read_matching(metrics, seg.decoder.n_classes)
             seg.class_names = list(storage.read_json(metrics)["per_class_iou"]) or seg.class_names
@@ -220,7 +222,8 @@ class Segmenter:
         decoder = _build_decoder(uri, art["decoder"], ARCHS[enc.arch][1], art["n_outputs"], dec,
                                  "expected an exported segmenter")
         return cls(build_encoder(enc), decoder, enc, dec, tuple(art["image_size"]), list(art["class_names"]),
-                   None if art["matching"] is None else np.asarray(art["matching"], np.int64))
+                   None if art["matching"] is None else np.asarray(art["matching"], np.int64),
+                   resize=art.get("resize", "antialias"))
 
     def to(self, device: str | torch.device) -> Segmenter:
         self.device = torch.device(device)
@@ -233,7 +236,7 @@ class Segmenter:
         return {"format": ARTIFACT_FORMAT, "decoder": self.decoder.state_dict(), "n_outputs": self.decoder.n_classes,
                 "decoder_config": asdict(self.decoder_cfg), "encoder": asdict(self.encoder_cfg),
                 "image_size": list(self.image_size), "class_names": list(self.class_names),
-                "matching": None if self.matching is None else self.matching.tolist()}
+                "matching": None if self.matching is None else self.matching.tolist(), "resize": self.resize}
 
     def to_classes(self, clusters: np.ndarray) -> np.ndarray:
         """Cluster ids -> class ids through the matching (unmatched: UNMATCHED); raw clusters without one."""
@@ -243,7 +246,7 @@ class Segmenter:
 
     def logits(self, images: Sequence[Any]) -> torch.Tensor:
         """Cluster logits (B, K, h, w) at the patch grid for images resized to `image_size`."""
-        batch = to_float_batch([_as_uint8_rgb(im) for im in images], self.image_size).to(self.device)
+        batch = to_float_batch([_as_uint8_rgb(im) for im in images], self.image_size, self.resize).to(self.device)
         return cluster_logits(self.encoder, self.decoder, batch)
 
     def segment(self, images: Any) -> list[np.ndarray]:

@@ -158,7 +158,8 @@ def run_predict(seg: Segmenter, inputs: str, output: str, batch_size: int = 16, 
              len(items) - len(pending), len(pending))
     if pending:
         ds = ray.data.from_items([{"image_id": i, "uri": u} for i, u in pending])
-        ds = ds.map_batches(load_images, fn_kwargs={"size": seg.image_size}, batch_size=batch_size, num_cpus=1)
+        ds = ds.map_batches(load_images, fn_kwargs={"size": seg.image_size, "method": seg.resize},
+                            batch_size=batch_size, num_cpus=1)
         writer = {"artifact": seg.artifact(), "output": output, "crf": seg.crf, "sliding": seg.sliding, "probs": probs}
         ds = ds.map_batches(PredictWriter, fn_constructor_kwargs=writer, batch_size=batch_size, **actor_pool())
         rows = ds.take_all()
