@@ -267,3 +267,19 @@ def test_table3_scores_the_bank_argmax(tmp_path):
     conf = bank_confusion(batch, cfg, None, labels)["confusion"][0]
     assert conf.tolist() == [[0, 64], [64, 0]]
     assert scores_from_confusion(conf).miou == 1.0
+
+
+def test_old_bank_part_named(tmp_path):
+    """A part in the old summed-fp16 form fails in one line naming the file and the expected columns."""
+    from transfgu_dist.parts import fixed_list
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    old = tmp_path / "part-old.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "maps": fixed_list(np.ones((1, 4), np.float16), pa.float16())}), old)
+    with pytest.raises(ValueError, match=r"part-old.parquet: expected the pseudo-label bank columns shared, terms, "
+                                         r"scale, got image_id, maps \(a bank from an older version: rerun pseudo_label\)"):
+        bank.check_part(str(old))
+    new = tmp_path / "part-new.parquet"
+    pq.write_table(pa.table(bank.columns(torch.ones(1, 2, 2), torch.zeros(1, 3, 2, 2))), new)
+    bank.check_part(str(new))

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from transfgu_dist import parts
+from transfgu_dist import parts, storage
 from transfgu_dist.pseudo_labels import compose
 
 COLUMNS = ("shared", "terms", "scale")
@@ -40,6 +41,15 @@ def columns(shared: torch.Tensor, terms: torch.Tensor) -> dict[str, pa.Array]:
 def decode(shared: torch.Tensor, terms: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Response maps (B, K, h, w) float32 from shared (B, h, w), terms (B, K, h, w) and scale (B,)."""
     return compose(shared.float(), terms.float() * scale.float().view(-1, 1, 1, 1))
+
+
+def check_part(uri: str) -> None:
+    """A bank part written in another form (e.g. the older summed fp16 `maps`) fails here in one line."""
+    fs, path = storage.filesystem(uri)
+    names = pq.read_schema(path, filesystem=fs).names
+    if not set(COLUMNS) <= set(names):
+        raise ValueError(f"{uri}: expected the pseudo-label bank columns {', '.join(COLUMNS)}, got {', '.join(names)} "
+                         f"(a bank from an older version: rerun pseudo_label)")
 
 
 def bytes_per_image(k: int, h: int, w: int) -> int:

@@ -70,6 +70,7 @@ def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray
 
 def training_dataset(cfg: Config) -> ray.data.Dataset:
     uris = parts.part_uris(bank_output(cfg))
+    bank.check_part(uris[0])
     fs, _ = storage.filesystem(uris[0])
     # the committed part list is known: Ray 2.60's default (V2) reader would list it again with a pool of 32
     # footer-reading actors per read, seconds of process start-up per epoch on a small node

@@ -62,6 +62,7 @@ def pseudo_label_miou(cfg: Config) -> float | None:
     is_fg = load_concepts(cfg).is_fg
     split = cfg.pseudo.split_fg_bg and 0 < int(is_fg.sum()) < len(is_fg)  # as the Bootstrapper decides
     uris = parts.part_uris(out)
+    bank.check_part(uris[0])
     fs, _ = storage.filesystem(uris[0])
     ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs)
