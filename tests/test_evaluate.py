@@ -81,6 +81,7 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
     assert overlay.height >= 320 and overlay.width >= 3 * 320
     manifest = json.loads((out / "_SUCCESS.json").read_text())
     assert manifest["metrics"] == metrics and "metrics.json" in manifest["parts"]
+    assert metrics["table3"] == {"pseudo_labels": None, "round0_student": None, "student": metrics["miou"]}  # no bank
 
     def recompute(*args, **kwargs):
         raise AssertionError("a committed stage must not be recomputed")

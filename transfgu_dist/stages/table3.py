@@ -54,10 +54,12 @@ def bank_confusion(batch: dict[str, np.ndarray], cfg: Config, is_fg: np.ndarray 
 
 
 def pseudo_label_miou(cfg: Config) -> float | None:
-    """mIoU of the bank's argmax on the training images with ground truth (None: no such image)."""
-    labels = {s.image_id: s.label for s in list_samples(cfg, cfg.data.train_split) if s.label}
+    """mIoU of the bank's argmax on the training images with ground truth (None: no bank or no such image)."""
     out = bank_output(cfg)
-    if not labels or not out.is_committed():
+    if not out.is_committed():  # e.g. a decoder scored on a val-only dataset
+        return None
+    labels = {s.image_id: s.label for s in list_samples(cfg, cfg.data.train_split) if s.label}
+    if not labels:
         return None
     is_fg = load_concepts(cfg).is_fg
     split = cfg.pseudo.split_fg_bg and 0 < int(is_fg.sum()) < len(is_fg)  # as the Bootstrapper decides
