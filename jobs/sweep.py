@@ -35,6 +35,7 @@ def main() -> None:
     if not bank_output(base).is_committed():
         raise ConfigError(f"{base.source}: no committed pseudo-label bank (bank/_SUCCESS.json); run "
                           f"jobs/run_all.py with output={source} first")
+    settings_guard.check(base, ["pseudo_label"])  # the bank and what it was made from, made with these settings
     name = os.path.splitext(os.path.basename(args.space))[0]
     output = args.output or storage.join(base.source, "sweeps", name)
     base.output = output if "://" in output else os.path.abspath(output)

@@ -101,6 +101,6 @@ def test_sweep_refuses_a_source_bank_made_with_other_settings(e2e_run, tmp_path)
     changed = [a if not a.startswith("crops.crop_size=") else "crops.crop_size=16" for a in SMALL]
     proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), str(space), f"--source={e2e_run}",
                            f"--output={tmp_path / 'sweep'}", *changed], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=120)
     assert proc.returncode == 2 and "crops.crop_size: 32 -> 16" in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "sweep").exists()
