@@ -28,7 +28,9 @@ STAMP := $(VENV)/.installed-$(VENV_HASH)
 venv: $(STAMP)
 
 # uv resolves and installs the same set as pip, about 3x faster (CI builds this venv on every run); it is handed
-# pip's own index settings (find-links, extra indexes, constraints) so it sees the same wheels.  pip is the fallback.
+# pip's own index settings (find-links, extra indexes, constraints) so it sees the same wheels, and compiles the
+# bytecode as pip does (with PYTHONDONTWRITEBYTECODE set, every Ray worker would otherwise recompile torch and ray
+# from source).  pip is the fallback.
 export PIP_TO_UV := import subprocess, sys; flags = {"find-links": "--find-links", "index-url": "--index-url", \
   "extra-index-url": "--extra-index-url", "constraint": "--constraint"}; \
   out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout; \
@@ -38,7 +40,7 @@ export PIP_TO_UV := import subprocess, sys; flags = {"find-links": "--find-links
 $(STAMP):
 	@test -x $(VPY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	{ $(VPY) -m pip install -q $(PIP_FLAGS) uv && UV_LINK_MODE=copy $(VENV)/bin/uv pip install -p $(VPY) \
-	    --index-strategy unsafe-best-match $$($(VPY) -c "$$PIP_TO_UV") $(PINS) -e '.[$(EXTRAS)]'; } \
+	    --index-strategy unsafe-best-match --compile-bytecode $$($(VPY) -c "$$PIP_TO_UV") $(PINS) -e '.[$(EXTRAS)]'; } \
 	  || $(VPY) -m pip install $(PIP_FLAGS) $(PINS) -e '.[$(EXTRAS)]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
