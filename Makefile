@@ -1,5 +1,6 @@
 # transfgu-dist developer entry points.
 #   make venv   create/update .venv (only reinstalls when pyproject.toml or the pins change)
+#   make lint   ruff (lint + format check) in .venv
 #   make test   run the test suite in .venv
 #   make demo   run the whole pipeline locally (jobs/run_all.py) in .venv; extra args: ARGS=...
 
@@ -23,7 +24,7 @@ PIP_FLAGS ?= --progress-bar off
 VENV_HASH := $(shell { cat pyproject.toml; echo '$(PINS) $(EXTRAS)'; } | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(VENV_HASH)
 
-.PHONY: venv test demo
+.PHONY: venv test lint demo
 
 venv: $(STAMP)
 
@@ -44,6 +45,10 @@ $(STAMP):
 	  || $(VPY) -m pip install $(PIP_FLAGS) $(PINS) -e '.[$(EXTRAS)]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: venv
 	$(VPY) -m pytest -q

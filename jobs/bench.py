@@ -6,48 +6,66 @@
     python jobs/bench.py --size backbones [--archs A,B] [--divide N]  # each backbone vs DINO ViT-S/8 (issue 13); no Ray
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
-See transfgu_dist/bench.py (and its bench_* modules) for what each figure means and docs/performance.md for measured numbers.
+See benchmarks/ (suite.py and one module per benchmark) for what each figure means and docs/performance.md for
+measured numbers.
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
 
 SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale", "backbones"), ("tiny", "full")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="comma-separated sub-benchmarks (default: all of extract, pseudo_label, "
-                        "cluster, bootstrap)")
+    parser.add_argument(
+        "--only", help="comma-separated sub-benchmarks (default: all of extract, pseudo_label, cluster, bootstrap)"
+    )
     parser.add_argument("--size", choices=SIZES, help="problem sizes (default: small; --device-only: full)")
     parser.add_argument("--scale-n", default="500,2000", help="--size scale: image counts (default: 500,2000)")
-    parser.add_argument("--archs", help="--size backbones: encoder.arch names, the first one the reference "
-                        "(default: DINO ViT-S/8, then DINOv2, DINOv2-reg4 and DINOv3 ViT-S and ViT-B)")
-    parser.add_argument("--divide", type=int, default=1,
-                        help="--size backbones: divide every preset side by this (a 40 x 40 grid becomes 40/N)")
-    parser.add_argument("--device-only", action="store_true",
-                        help="the model hot paths on one device, importing neither Ray, FAISS nor MLflow")
+    parser.add_argument(
+        "--archs",
+        help="--size backbones: encoder.arch names, the first one the reference "
+        "(default: DINO ViT-S/8, then DINOv2, DINOv2-reg4 and DINOv3 ViT-S and ViT-B)",
+    )
+    parser.add_argument(
+        "--divide",
+        type=int,
+        default=1,
+        help="--size backbones: divide every preset side by this (a 40 x 40 grid becomes 40/N)",
+    )
+    parser.add_argument(
+        "--device-only",
+        action="store_true",
+        help="the model hot paths on one device, importing neither Ray, FAISS nor MLflow",
+    )
     parser.add_argument("--repeats", type=int, help="timed repeats of in-process measurements (default: per size)")
     parser.add_argument("--workdir", help="scratch folder for data and stage outputs (default: a temporary one)")
     parser.add_argument("--address", help="Ray cluster address (default: a private local Ray on 127.0.0.1)")
-    parser.add_argument("--worker-threads", type=int,
-                        help="experiment: OMP_NUM_THREADS for the local Ray's workers (default: Ray's, the task's CPUs)")
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        help="experiment: OMP_NUM_THREADS for the local Ray's workers (default: Ray's, the task's CPUs)",
+    )
     parser.add_argument("--out", help="also write the JSON document to this file")
     args = parser.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.device_only:
         if args.size not in (None, *DEVICE_SIZES):
             parser.error(f"--device-only runs at --size {' or '.join(DEVICE_SIZES)}, got {args.size}")
-        from transfgu_dist.bench_device import run_device
+        from benchmarks.device import run_device
 
         return _emit(run_device(args.size or "full", log), args.out)
     if args.size == "backbones":
-        from transfgu_dist.bench_backbones import BACKBONES, run_backbones
-
-        from transfgu_dist.encoder import ARCHS
+        from benchmarks.backbones import BACKBONES, run_backbones
+        from transfgu_dist.config import ARCHS
 
         archs = [a.strip() for a in args.archs.split(",") if a.strip()] if args.archs else list(BACKBONES)
         if set(archs) - set(ARCHS):
@@ -59,23 +77,24 @@ def main(argv: list[str] | None = None) -> dict:
         import tempfile
         from pathlib import Path
 
-        from transfgu_dist.bench_scale import run_scale
+        from benchmarks.scale import run_scale
 
         with contextlib.redirect_stdout(sys.stderr):
             doc = run_scale([int(n) for n in args.scale_n.split(",")], Path(args.workdir or tempfile.mkdtemp()), log)
         return _emit(doc, args.out)
-    from transfgu_dist import bench
+    from benchmarks import suite
 
-    only = [name.strip() for name in (args.only or ",".join(bench.BENCHMARKS)).split(",") if name.strip()]
-    unknown = sorted(set(only) - set(bench.BENCHMARKS))
+    only = [name.strip() for name in (args.only or ",".join(suite.BENCHMARKS)).split(",") if name.strip()]
+    unknown = sorted(set(only) - set(suite.BENCHMARKS))
     if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(bench.BENCHMARKS)})")
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)} (known: {', '.join(suite.BENCHMARKS)})")
     with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not corrupt the JSON on stdout
-        doc = bench.run(only, args.size or "small", args.repeats, args.workdir, args.address, log, args.worker_threads,
-                        args.out)
+        doc = suite.run(
+            only, args.size or "small", args.repeats, args.workdir, args.address, log, args.worker_threads, args.out
+        )
     print(json.dumps(doc, indent=2))
-    if bench.failed(doc):
-        log(f"failed: {', '.join(bench.failed(doc))}")
+    if suite.failed(doc):
+        log(f"failed: {', '.join(suite.failed(doc))}")
         sys.exit(1)
     return doc
 

@@ -1,5 +1,6 @@
 """Stage 2: FAISS k-means of the crop CLS features into K concepts (foreground and background pools apart)."""
-from transfgu_dist.cli import run
+
+from transfgu_dist.pipeline.cli import run
 
 if __name__ == "__main__":
     run(["cluster"], __doc__)

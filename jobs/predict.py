@@ -11,7 +11,8 @@ resolution, logits averaged over overlaps (default: resized to eval.image_size, 
 probs=true: also the per-pixel cluster probabilities (fp16, original resolution) in Parquet parts under probs/.
 Other section.key=value arguments override the config (e.g. eval.batch_size=8).
 """
-from transfgu_dist.cli import run_predict_job
+
+from transfgu_dist.pipeline.cli import run_predict_job
 
 if __name__ == "__main__":
     run_predict_job(__doc__)

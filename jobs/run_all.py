@@ -4,7 +4,8 @@ With no arguments: the embedded default (a local Ray started in-process, synthet
 On a cluster: ray job submit --working-dir . -- python jobs/run_all.py --preset cocostuff27 output=s3://...
 A rerun with the same output resumes: committed stages are skipped, interrupted ones continue.
 """
-from transfgu_dist.cli import run
+
+from transfgu_dist.pipeline.cli import run
 
 STAGES = ["extract", "cluster", "pseudo_label", "bootstrap", "evaluate"]
 

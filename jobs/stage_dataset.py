@@ -9,6 +9,7 @@ Endpoint, region and credentials come from the standard AWS environment, like ev
 AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, Ceph, ...), AWS_REGION, AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY or AWS_PROFILE.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from transfgu_dist import s3, storage
-from transfgu_dist.storage import StorageError
+from transfgu_dist.io import s3, storage
+from transfgu_dist.io.storage import StorageError
 
 MANIFEST = "_MANIFEST.json"
 MB = 1 << 20
@@ -48,12 +49,13 @@ def remote_sizes(client: Any, bucket: str, prefix: str) -> dict[str, int]:
     sizes = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         for obj in page.get("Contents", []):
-            sizes[obj["Key"][len(base):]] = obj["Size"]
+            sizes[obj["Key"][len(base) :]] = obj["Size"]
     return sizes
 
 
-def stage_dataset(src: str | Path, dst: str, workers: int = 8, chunk_mb: int = 64,
-                  progress: bool = True) -> dict[str, Any]:
+def stage_dataset(
+    src: str | Path, dst: str, workers: int = 8, chunk_mb: int = 64, progress: bool = True
+) -> dict[str, Any]:
     """Upload `src` below `dst` (s3://bucket/prefix); returns the manifest written to `dst`/_MANIFEST.json."""
     from boto3.exceptions import Boto3Error
     from boto3.s3.transfer import TransferConfig
@@ -75,13 +77,29 @@ def stage_dataset(src: str | Path, dst: str, workers: int = 8, chunk_mb: int = 6
     chunk = max(5, chunk_mb) * MB  # S3's smallest multipart part is 5 MiB
     transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=4)
     total = sum(files[rel] for rel in todo)
-    print(f"{src} -> {dst}: {len(files)} files, {len(files) - len(todo)} already there (same size), "
-          f"uploading {len(todo)} ({total / MB:.1f} MiB) with {workers} workers", file=sys.stderr, flush=True)
+    print(
+        f"{src} -> {dst}: {len(files)} files, {len(files) - len(todo)} already there (same size), "
+        f"uploading {len(todo)} ({total / MB:.1f} MiB) with {workers} workers",
+        file=sys.stderr,
+        flush=True,
+    )
     failed: list[tuple[str, BaseException]] = []
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="upload", disable=not progress,
-              file=sys.stderr) as bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(client.upload_file, str(src / rel), bucket, key(rel), Config=transfer,
-                               Callback=bar.update): rel for rel in todo}
+    with (
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="upload",
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
+        futures = {
+            pool.submit(client.upload_file, str(src / rel), bucket, key(rel), Config=transfer, Callback=bar.update): rel
+            for rel in todo
+        }
         try:
             for future in as_completed(futures):
                 try:
@@ -95,16 +113,30 @@ def stage_dataset(src: str | Path, dst: str, workers: int = 8, chunk_mb: int = 6
         rel, e = failed[0]
         first = storage.error_for(f"{dst}/{rel}", e, f"upload {src / rel}")
         raise StorageError(dst, f"{len(failed)} of {len(todo)} uploads failed (rerun to resume); first: {first}")
-    manifest = {"source": str(src), "destination": dst, "files": files, "n_files": len(files),
-                "bytes": sum(files.values()), "uploaded": len(todo), "skipped": len(files) - len(todo),
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    manifest = {
+        "source": str(src),
+        "destination": dst,
+        "files": files,
+        "n_files": len(files),
+        "bytes": sum(files.values()),
+        "uploaded": len(todo),
+        "skipped": len(files) - len(todo),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     try:
-        client.put_object(Bucket=bucket, Key=key(MANIFEST), Body=json.dumps(manifest, indent=2).encode(),
-                          ContentType="application/json")
+        client.put_object(
+            Bucket=bucket,
+            Key=key(MANIFEST),
+            Body=json.dumps(manifest, indent=2).encode(),
+            ContentType="application/json",
+        )
     except errors as e:
         raise storage.error_for(f"{dst}/{MANIFEST}", e, "write the manifest") from e
-    print(f"uploaded {len(todo)} files, skipped {len(files) - len(todo)} already there; manifest {dst}/{MANIFEST}",
-          file=sys.stderr, flush=True)
+    print(
+        f"uploaded {len(todo)} files, skipped {len(files) - len(todo)} already there; manifest {dst}/{MANIFEST}",
+        file=sys.stderr,
+        flush=True,
+    )
     return manifest
 
 
@@ -113,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("src", help="local dataset folder (its layout is kept below the prefix)")
     parser.add_argument("dst", help="s3://bucket/prefix")
     parser.add_argument("--workers", type=int, default=8, help="files uploaded in parallel (default 8)")
-    parser.add_argument("--chunk-mb", type=int, default=64,
-                        help="multipart threshold and part size in MiB (default 64, at least 5)")
+    parser.add_argument(
+        "--chunk-mb", type=int, default=64, help="multipart threshold and part size in MiB (default 64, at least 5)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.workers < 1:

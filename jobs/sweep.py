@@ -6,17 +6,18 @@
 SWEEP_OUTPUT/best.yaml, which `python jobs/run_all.py --config SWEEP_OUTPUT/best.yaml` runs in full.
 Rerunning the same command after the driver died resumes the sweep without rerunning finished trials.
 """
+
 import argparse
 import json
 import logging
 import os
 import sys
 
-from transfgu_dist import settings_guard, storage
 from transfgu_dist.config import ConfigError, load_config
-from transfgu_dist.stages.common import init_ray
-from transfgu_dist.stages.pseudo_label import bank_output
-from transfgu_dist.sweep import load_spec, run_sweep, with_params
+from transfgu_dist.io import storage
+from transfgu_dist.pipeline import contract, settings_guard
+from transfgu_dist.pipeline.ray_setup import init_ray
+from transfgu_dist.pipeline.sweep import load_spec, run_sweep, with_params
 
 
 def main() -> None:
@@ -32,9 +33,11 @@ def main() -> None:
     base = load_config(overrides=args.overrides, preset=spec.preset)
     source = args.source or f"outputs/{spec.preset}"
     base.source = source if "://" in source else os.path.abspath(source)
-    if not bank_output(base).is_committed():
-        raise ConfigError(f"{base.source}: no committed pseudo-label bank (bank/_SUCCESS.json); run "
-                          f"jobs/run_all.py with output={source} first")
+    if not contract.output(base, "pseudo_label").is_committed():
+        raise ConfigError(
+            f"{base.source}: no committed pseudo-label bank (bank/_SUCCESS.json); run "
+            f"jobs/run_all.py with output={source} first"
+        )
     settings_guard.check(base, ["pseudo_label"])  # the bank and what it was made from, made with these settings
     name = os.path.splitext(os.path.basename(args.space))[0]
     output = args.output or storage.join(base.source, "sweeps", name)

@@ -25,10 +25,16 @@ def free_port() -> int:
 
 def _isolated_aws_env(mp: pytest.MonkeyPatch, tmp_dir: str) -> None:
     """Test credentials only; no profiles, no instance metadata, no real AWS."""
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN",
-                 "AWS_SECURITY_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                 "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_SECURITY_TOKEN",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
         mp.delenv(name, raising=False)
     mp.setenv("AWS_ACCESS_KEY_ID", "testing")
     mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -67,15 +73,20 @@ def s3_server(tmp_path_factory):
 def boto3_s3(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=TEST_REGION,
-                        aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=TEST_REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 @pytest.fixture
 def s3_bucket(s3_server):
-    """A fresh, empty bucket on the moto server; ``transfgu_dist.storage`` is configured to use
+    """A fresh, empty bucket on the moto server; ``transfgu_dist.io.storage`` is configured to use
     the server.  Yields ``s3://<bucket>``."""
-    from transfgu_dist import s3
+    from transfgu_dist.io import s3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3_s3(s3_server).create_bucket(Bucket=name)
@@ -99,11 +110,24 @@ def root(request, tmp_path):
 # ---- end-to-end runs of the jobs, shared by the pipeline, sweep and object-storage tests ----
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["encoder.arch=vit_tiny_test", "encoder.weights=random", "data.synthetic_train=12", "data.synthetic_val=6",
-         "data.synthetic_size=64", "crops.image_size=[64, 64]", "crops.crop_size=32", "crops.images_per_task=3",
-         "crops.images_per_part=6", "pseudo.images_per_part=6",
-         "pseudo.image_size=[64, 64]", "train.image_size=[64, 64]", "eval.image_size=[64, 64]",
-         "train.round_epochs=[1, 1]", "train.batch_size=6", "pseudo.batch_size=4"]
+SMALL = [
+    "encoder.arch=vit_tiny_test",
+    "encoder.weights=random",
+    "data.synthetic_train=12",
+    "data.synthetic_val=6",
+    "data.synthetic_size=64",
+    "crops.image_size=[64, 64]",
+    "crops.crop_size=32",
+    "crops.images_per_task=3",
+    "crops.images_per_part=6",
+    "pseudo.images_per_part=6",
+    "pseudo.image_size=[64, 64]",
+    "train.image_size=[64, 64]",
+    "eval.image_size=[64, 64]",
+    "train.round_epochs=[1, 1]",
+    "train.batch_size=6",
+    "pseudo.batch_size=4",
+]
 
 
 def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int = 900) -> str:
@@ -111,9 +135,15 @@ def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int 
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "jobs", f"{stage}.py"), *args], cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                          env={**os.environ, **(env or {})})  # one stream: the console as a user sees it, in order
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "jobs", f"{stage}.py"), *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # one stream: the console as a user sees it, in order
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-9000:]}"
     return proc.stdout
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from transfgu_dist.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
+from transfgu_dist.method.augment import AugmentConfig, crop_and_flip, photometric, random_crop_boxes
 
 NO_FLIP = AugmentConfig(flip_p=0.0)
 
@@ -34,9 +34,7 @@ def test_flip_is_shared_by_image_and_label():
     ramp = torch.arange(8.0).expand(16, 3, 8, 8)
     labels = torch.arange(8.0).expand(16, 2, 8, 8)
     boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0]]).expand(16, 4)
-    out_images, out_labels = crop_and_flip(
-        ramp, labels, boxes, (8, 8), (8, 8), AugmentConfig(), gen(1)
-    )
+    out_images, out_labels = crop_and_flip(ramp, labels, boxes, (8, 8), (8, 8), AugmentConfig(), gen(1))
     image_flipped = out_images[:, 0, 0, 0] == 7
     label_flipped = out_labels[:, 0, 0, 0] == 7
     assert torch.equal(image_flipped, label_flipped)
@@ -59,9 +57,7 @@ def test_random_crop_boxes():
 def test_crop_and_flip_shapes():
     images, labels = torch.rand(2, 3, 320, 320), torch.rand(2, 27, 40, 40)
     boxes = random_crop_boxes(2, 320, 320, AugmentConfig(), gen())
-    out_images, out_labels = crop_and_flip(
-        images, labels, boxes, (160, 160), (20, 20), AugmentConfig(), gen()
-    )
+    out_images, out_labels = crop_and_flip(images, labels, boxes, (160, 160), (20, 20), AugmentConfig(), gen())
     assert out_images.shape == (2, 3, 160, 160) and out_labels.shape == (2, 27, 20, 20)
 
 

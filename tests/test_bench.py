@@ -3,6 +3,7 @@
 The in-process sub-benchmarks (pseudo_label, cluster) run in seconds; the Ray ones (extract, bootstrap) start a
 private local Ray and two Ray Train runs in a subprocess, so they are marked slow.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from transfgu_dist import bench
+from benchmarks import suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,10 @@ def positive(x) -> bool:
 
 
 def check_document(doc: dict, expected: list[str]) -> None:
-    assert doc["schema"] == bench.SCHEMA and doc["size"] == "tiny"
+    assert doc["schema"] == suite.SCHEMA and doc["size"] == "tiny"
     assert set(doc["benchmarks"]) == set(expected)
     for name, result in doc["benchmarks"].items():
-        missing = [k for k in bench.BENCH_KEYS if k not in result]
+        missing = [k for k in suite.BENCH_KEYS if k not in result]
         assert not missing, f"{name}: missing keys {missing}"
         assert result["device"].startswith(("cpu", "cuda")), result["device"]
         assert {"torch", "ray", "faiss", "timm"} <= set(result["versions"])
@@ -52,7 +53,7 @@ def check_document(doc: dict, expected: list[str]) -> None:
 
 
 def test_in_process_benchmarks_tiny(tmp_path):
-    doc = json.loads(json.dumps(bench.run(["pseudo_label", "cluster"], size="tiny", workdir=tmp_path)))
+    doc = json.loads(json.dumps(suite.run(["pseudo_label", "cluster"], size="tiny", workdir=tmp_path)))
     check_document(doc, ["pseudo_label", "cluster"])
     pseudo = doc["benchmarks"]["pseudo_label"]
     assert pseudo["sizes"]["ks"] == [27, 171]
@@ -61,17 +62,34 @@ def test_in_process_benchmarks_tiny(tmp_path):
     cluster = doc["benchmarks"]["cluster"]
     assert cluster["sizes"]["dim"] == 384 and cluster["sizes"]["parquet_parts"] > 1
     assert {"kmeans_vs_gemm_ceiling_k27", "kmeans_vs_gemm_ceiling_k171", "parquet_stage_vs_raw"} <= set(
-        cluster["ratios"])
+        cluster["ratios"]
+    )
 
 
 @pytest.mark.slow
 def test_bench_job_tiny_ray_benchmarks(tmp_path):
     """`python jobs/bench.py --size tiny --only extract,bootstrap --out FILE`: JSON on stdout and in FILE."""
-    out = tmp_path / "bench.json"
+    out = tmp_path / "suite.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--size", "tiny",
-                           "--only", "extract,bootstrap", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "bench.py"),
+            "--size",
+            "tiny",
+            "--only",
+            "extract,bootstrap",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     doc = json.loads(proc.stdout)
     assert json.loads(out.read_text()) == doc
@@ -79,32 +97,51 @@ def test_bench_job_tiny_ray_benchmarks(tmp_path):
     extract = doc["benchmarks"]["extract"]
     assert extract["sizes"]["crops"] > 0 and extract["sizes"]["parts"] >= 2
     assert {"pipeline_steady_vs_bare", "pipeline_end_to_end_vs_bare", "fg_prior_flops_fraction"} <= set(
-        extract["ratios"])
+        extract["ratios"]
+    )
     boot = doc["benchmarks"]["bootstrap"]
     assert positive(boot["rates"]["samples_per_s_workers_1"]) and positive(boot["rates"]["samples_per_s_workers_2"])
     assert positive(boot["rates"]["bare_step_samples_per_s"]) and positive(boot["ratios"]["workers_2_vs_1"])
 
 
 def test_bench_job_rejects_unknown_benchmark():
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "bench.py"), "--only", "extract,nope"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "bench.py"), "--only", "extract,nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "nope" in proc.stderr
 
 
 def test_device_only_bench_imports_no_ray_faiss_mlflow(tmp_path):
     """`jobs/bench.py --device-only --size tiny` on CPU: every hot path timed with its FLOPs, and none of Ray,
     FAISS or MLflow in sys.modules afterwards."""
-    code = ("import json, sys; sys.argv = ['bench', '--device-only', '--size', 'tiny', '--out', sys.argv[1]]; "
-            "import runpy; runpy.run_path('jobs/bench.py', run_name='__main__'); "
-            "print('LOADED', json.dumps(sorted(m for m in ('ray', 'faiss', 'mlflow') if m in sys.modules)))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d.json")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import json, sys; sys.argv = ['bench', '--device-only', '--size', 'tiny', '--out', sys.argv[1]]; "
+        "import runpy; runpy.run_path('jobs/bench.py', run_name='__main__'); "
+        "print('LOADED', json.dumps(sorted(m for m in ('ray', 'faiss', 'mlflow') if m in sys.modules)))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "d.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "LOADED []"
     doc = json.loads((tmp_path / "d.json").read_text())
     assert positive(doc["peak_gemm_tflop_per_s"])
-    assert {"gradcam_k27_32px_x2", "gradcam_k171_32px_x2", "train_step_32px_x2", "predict_32px_x2",
-            "encoder_forward_32px_x8"} == set(doc["paths"])
+    assert {
+        "gradcam_k27_32px_x2",
+        "gradcam_k171_32px_x2",
+        "train_step_32px_x2",
+        "predict_32px_x2",
+        "encoder_forward_32px_x8",
+    } == set(doc["paths"])
     for name, path in doc["paths"].items():
         assert positive(path["seconds"]) and positive(path["gflop"]) and positive(path["fraction_of_peak"]), name
 
@@ -114,13 +151,35 @@ def test_backbones_mode_tiny_families(tmp_path):
     memory and the ratios against the first arch (the reference, 1.0 against itself), written as JSON."""
     job = bench_job()
     archs = ["vit_tiny_test", "dinov2_tiny_test", "dinov2_reg4_tiny_test", "dinov3_tiny_test"]
-    doc = job.main(["--size", "backbones", "--archs", ",".join(archs), "--repeats", "1", "--divide", "4", "--out",
-                    str(tmp_path / "b.json")])
+    doc = job.main(
+        [
+            "--size",
+            "backbones",
+            "--archs",
+            ",".join(archs),
+            "--repeats",
+            "1",
+            "--divide",
+            "4",
+            "--out",
+            str(tmp_path / "b.json"),
+        ]
+    )
     assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(doc))
     assert doc["reference"] == "vit_tiny_test" and list(doc["backbones"]) == archs and doc["sizes"]["k"] == 27
     for arch, row in doc["backbones"].items():
-        assert {"patch", "dim", "crop_size", "gradcam_size", "prefix_tokens", "s_per_item", "vs_reference",
-                "gflop_per_item", "gflop_vs_reference", "memory"} <= set(row), arch
+        assert {
+            "patch",
+            "dim",
+            "crop_size",
+            "gradcam_size",
+            "prefix_tokens",
+            "s_per_item",
+            "vs_reference",
+            "gflop_per_item",
+            "gflop_vs_reference",
+            "memory",
+        } <= set(row), arch
         assert row["crop_size"] % row["patch"] == 0 and row["gradcam_size"] // row["patch"] == 10
         for name in ("extract", "gradcam"):
             assert positive(row["s_per_item"][name]) and positive(row["vs_reference"][name]), (arch, name)

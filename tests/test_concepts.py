@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from transfgu_dist.concepts import Concepts, fit_concepts, kmeans
+from transfgu_dist.method.concepts import Concepts, fit_concepts, kmeans
 
 CENTRES = np.array([[0, 0, 0, 0], [20, 0, 0, 0], [0, 20, 0, 0]], dtype=np.float32)
 

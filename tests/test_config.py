@@ -1,4 +1,5 @@
 """Config presets, profiles, YAML and command-line overrides, and the messages for bad keys."""
+
 import pytest
 
 from transfgu_dist.config import ConfigError, dump_yaml, load_config
@@ -36,16 +37,25 @@ def test_bad_keys_are_named(tmp_path):
 
 def test_sizes_must_divide_by_the_encoder_patch():
     """Patch 14 (DINOv2): a 640 px size fails naming the key; 560/280 px (40x40 and 20x20 grids) pass."""
-    with pytest.raises(ConfigError, match=r"key 'crops.image_size' = \(640, 640\): expected multiples of 14 "
-                                          r"\(patch size 14 of encoder 'vit_small_patch14_reg4_dinov2'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'crops.image_size' = \(640, 640\): expected multiples of 14 "
+        r"\(patch size 14 of encoder 'vit_small_patch14_reg4_dinov2'\)",
+    ):
         load_config(overrides=["preset=cocostuff27", "encoder.arch=vit_small_patch14_reg4_dinov2"])
-    sizes = ["crops.image_size=[560, 560]", "crops.crop_size=280", "pseudo.image_size=[560, 560]",
-             "train.image_size=[560, 560]", "eval.image_size=[560, 560]"]
+    sizes = [
+        "crops.image_size=[560, 560]",
+        "crops.crop_size=280",
+        "pseudo.image_size=[560, 560]",
+        "train.image_size=[560, 560]",
+        "eval.image_size=[560, 560]",
+    ]
     cfg = load_config(overrides=["preset=cocostuff27", "encoder.arch=vit_small_patch14_reg4_dinov2", *sizes])
     assert cfg.pseudo.image_size == (560, 560)
     with pytest.raises(ConfigError, match=r"key 'train.image_size' = \(546, 546\): expected multiples of 28"):
-        load_config(overrides=["preset=cocostuff27", "encoder.arch=dinov2_tiny_test", *sizes,
-                               "train.image_size=[546, 546]"])
+        load_config(
+            overrides=["preset=cocostuff27", "encoder.arch=dinov2_tiny_test", *sizes, "train.image_size=[546, 546]"]
+        )
     with pytest.raises(ConfigError, match="key 'encoder.arch' = 'vit_nope'"):
         load_config(overrides=["encoder.arch=vit_nope"])
 

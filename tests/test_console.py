@@ -1,11 +1,12 @@
 """The driver's console: progress lines, epoch lines, Ray's C++ lines kept off; the demo's console (shared e2e run)."""
+
 import logging
 import os
 import re
 
 import pytest
 
-from transfgu_dist import console
+from transfgu_dist.pipeline import console
 
 NATIVE = b"[2026-12-02 01:02:33,867 E 20565 20565] core_worker.cc:2465: Actor with class name: 'MapWorker' ...\n"
 
@@ -46,16 +47,31 @@ def test_progress_off_a_terminal_every_interval(monkeypatch, caplog):
     progress.close()
     assert [r.getMessage() for r in caplog.records] == [
         "pseudo_label: 4/8 images [00:35<00:35,  0.11 images/s]",
-        "pseudo_label: 8/8 images [01:10<00:00,  0.11 images/s]"]
+        "pseudo_label: 8/8 images [01:10<00:00,  0.11 images/s]",
+    ]
 
 
 def test_epoch_line():
-    m = {"loss/total": 3.5787, "loss/peer": 2.1498, "loss/diversity": 0.1, "loss/uncertainty": 0.31, "round": 1,
-         "epoch": 0, "global_epoch": 2, "val/miou": 0.40741, "epoch_seconds": 12.34, "alpha": 0.5}
-    assert console.epoch_line(m, 4) == ("bootstrap: epoch 3/4 (round 1, epoch 0): loss 3.579 (peer 2.150, "
-                                        "diversity 0.100, uncertainty 0.310), val mIoU 40.74, 12.3 s/epoch")
-    assert console.epoch_line({"loss/total": 1.0, "round": 0, "epoch": 0, "global_epoch": 0}, 1) == \
-        "bootstrap: epoch 1/1 (round 0, epoch 0): loss 1.000 ()"
+    m = {
+        "loss/total": 3.5787,
+        "loss/peer": 2.1498,
+        "loss/diversity": 0.1,
+        "loss/uncertainty": 0.31,
+        "round": 1,
+        "epoch": 0,
+        "global_epoch": 2,
+        "val/miou": 0.40741,
+        "epoch_seconds": 12.34,
+        "alpha": 0.5,
+    }
+    assert console.epoch_line(m, 4) == (
+        "bootstrap: epoch 3/4 (round 1, epoch 0): loss 3.579 (peer 2.150, "
+        "diversity 0.100, uncertainty 0.310), val mIoU 40.74, 12.3 s/epoch"
+    )
+    assert (
+        console.epoch_line({"loss/total": 1.0, "round": 0, "epoch": 0, "global_epoch": 0}, 1)
+        == "bootstrap: epoch 1/1 (round 0, epoch 0): loss 1.000 ()"
+    )
 
 
 @pytest.mark.slow
@@ -69,8 +85,15 @@ def test_demo_console_is_short_shows_progress_and_epochs_and_ends_in_the_summary
     epochs = [line for line in lines if "bootstrap: epoch " in line]
     assert len(epochs) == 2 and "epoch 1/2 (round 0, epoch 0): loss " in epochs[0], text
     assert "epoch 2/2 (round 1, epoch 0)" in epochs[1] and "val mIoU" in epochs[1] and "s/epoch" in epochs[1]
-    for ray_line in ("core_worker.cc", "authentication_token_setup", "Progress bars disabled", "(MapWorker",
-                     "Running Dataset", "(RayTrainWorker", "(TrainController"):
+    for ray_line in (
+        "core_worker.cc",
+        "authentication_token_setup",
+        "Progress bars disabled",
+        "(MapWorker",
+        "Running Dataset",
+        "(RayTrainWorker",
+        "(TrainController",
+    ):
         assert ray_line not in text, text
 
 
@@ -80,8 +103,11 @@ def test_demo_logs_the_model_to_mlflow(e2e_run):
     import mlflow
     import numpy as np
 
-    uri = next(line.split(": ", 1)[1] for line in (e2e_run / "console.log").read_text().splitlines()
-               if line.startswith("MLflow model: "))
+    uri = next(
+        line.split(": ", 1)[1]
+        for line in (e2e_run / "console.log").read_text().splitlines()
+        if line.startswith("MLflow model: ")
+    )
     mlflow.set_tracking_uri(f"sqlite:///{e2e_run / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(uri)
     labels = model.predict(np.zeros((64, 64, 3), np.uint8))

@@ -1,5 +1,6 @@
 """Damaged committed outputs are found where the next stage reads them, in one line naming the file and what was
 expected (issue 16 point 5): a truncated or deleted Parquet part, and a garbage decoder checkpoint or export."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,19 +8,29 @@ import pyarrow as pa
 import pytest
 import torch
 
-from transfgu_dist import parts
 from transfgu_dist.config import Config
-from transfgu_dist.segmenter import CheckpointError, Segmenter, load_decoder
-from transfgu_dist.storage import StorageError
+from transfgu_dist.inference.segmenter import CheckpointError, Segmenter, load_decoder
+from transfgu_dist.io import parts
+from transfgu_dist.io.storage import StorageError
 
 
 def commit_parts(out, n_parts: int = 3) -> list[str]:
     """`n_parts` tiny feature parts, committed with their part_records as the stages commit them."""
     rng = np.random.default_rng(0)
-    names = [parts.write_part(out, pa.table({"is_fg": pa.array(rng.random(4) < 0.5),
-                                             "feature": parts.fixed_list(rng.random((4, 6)).astype(np.float16),
-                                                                         pa.float16())}), [str(i)], [])
-             for i in range(n_parts)]
+    names = [
+        parts.write_part(
+            out,
+            pa.table(
+                {
+                    "is_fg": pa.array(rng.random(4) < 0.5),
+                    "feature": parts.fixed_list(rng.random((4, 6)).astype(np.float16), pa.float16()),
+                }
+            ),
+            [str(i)],
+            [],
+        )
+        for i in range(n_parts)
+    ]
     out.commit({"part_records": parts.records(out, parts.coverage(out))})
     return names
 
@@ -29,11 +40,10 @@ def commit_parts(out, n_parts: int = 3) -> list[str]:
 def test_damaged_part_is_named_by_the_next_stage(tmp_path, reader, damage):
     """The cluster stage reading the features and the bootstrap stage reading the bank refuse a damaged part
     before any Parquet read (no ArrowInvalid traceback, no Ray started)."""
-    from transfgu_dist.stages.extract import features_output
-    from transfgu_dist.stages.pseudo_label import bank_output
+    from transfgu_dist.pipeline import contract
 
     cfg = Config(output=str(tmp_path))
-    out = (features_output if reader == "cluster" else bank_output)(cfg)
+    out = contract.output(cfg, "extract" if reader == "cluster" else "pseudo_label")
     names = commit_parts(out)
     assert parts.part_uris(out) == [out.part_uri(n) for n in sorted(names)]  # intact: the committed list
     path = tmp_path.joinpath(*out.part_uri(names[1]).removeprefix(str(tmp_path)).strip("/").split("/"))
@@ -45,12 +55,12 @@ def test_damaged_part_is_named_by_the_next_stage(tmp_path, reader, damage):
         path.unlink()
         expected = f"{names[1]}: part recorded in the committed manifest is missing \\(expected {size} bytes, 4 rows\\)"
     if reader == "cluster":
-        from transfgu_dist.stages.cluster import run_cluster
+        from transfgu_dist.pipeline.stages.cluster import run_cluster
 
         with pytest.raises(StorageError, match=expected) as e:
             run_cluster(cfg)
     else:
-        from transfgu_dist.stages.bootstrap import training_dataset
+        from transfgu_dist.pipeline.stages.bootstrap import training_dataset
 
         with pytest.raises(StorageError, match=expected) as e:
             training_dataset(cfg)
@@ -77,7 +87,7 @@ def test_garbage_checkpoint_fails_in_one_line_naming_the_file(tmp_path, content)
 
 def test_export_missing_keys_named(tmp_path):
     """An artifact with the export format tag but a key missing names the file and the missing key."""
-    from transfgu_dist.segmenter import ARTIFACT_FORMAT
+    from transfgu_dist.inference.segmenter import ARTIFACT_FORMAT
 
     path = tmp_path / "segmenter.pt"
     torch.save({"format": ARTIFACT_FORMAT, "decoder": {}}, path)

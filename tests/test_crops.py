@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfgu_dist.crops import (
+from transfgu_dist.method.crops import (
     BG,
     DROP,
     FG,
@@ -101,7 +101,7 @@ def test_cut_crops_of_horizontal_ramp():
 
 def test_batched_window_classification_equals_per_image():
     """classify_windows_batch / fg_fraction_batch on a batch == classify_windows / fg_fraction image by image."""
-    from transfgu_dist.crops import classify_windows_batch, fg_fraction_batch
+    from transfgu_dist.method.crops import classify_windows_batch, fg_fraction_batch
 
     fg = torch.rand(5, 10, 12, generator=torch.Generator().manual_seed(0)) > 0.5
     fg[0] = True
@@ -112,7 +112,7 @@ def test_batched_window_classification_equals_per_image():
     for i in range(len(fg)):
         assert np.array_equal(kinds[i].numpy(), classify_windows(fg[i], windows, "attention", 0.5, 0.8))
         assert np.allclose(frac[i].numpy(), fg_fraction(fg[i], windows))
-    brute = [[fg[i, t:t + b, x:x + b].float().mean().item() for _, t, x, b in windows] for i in range(len(fg))]
+    brute = [[fg[i, t : t + b, x : x + b].float().mean().item() for _, t, x, b in windows] for i in range(len(fg))]
     assert np.allclose(frac.numpy(), brute)  # the summed-area table against slicing every window
     assert (kinds[0] == FG).all() and (kinds[1] == BG).all()
     assert classify_windows_batch(None, windows, "none", images=3).shape == (3, len(windows))

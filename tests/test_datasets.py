@@ -1,5 +1,6 @@
 """Dataset readers on tiny fixtures in the real public layouts (generated here, real class ids), local and on a
 real moto S3 server; the label tables checked against hand-written values."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -10,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfgu_dist import label_maps, storage
 from transfgu_dist.config import load_config
-from transfgu_dist.datasets import DatasetLayoutError, list_samples
-from transfgu_dist.images import decode_label
-from transfgu_dist.label_maps import IGNORE, LabelMapError, remap_label
+from transfgu_dist.io import label_maps, storage
+from transfgu_dist.io.datasets import DatasetLayoutError, list_samples
+from transfgu_dist.io.images import decode_label
+from transfgu_dist.io.label_maps import IGNORE, LabelMapError, remap_label
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 16
@@ -57,30 +58,57 @@ def cfg_for(root: str | Path, preset: str, *extra: str):
 
 # raw stuffthingmaps value (COCO id - 1) -> (171-class id, 27-class id, COCO-80 id), written out by hand
 COCO_EXPECTED = {
-    0: (0, 9, 1),          # person -> person
-    1: (1, 11, 2),         # bicycle -> vehicle
-    11: (IGNORE,) * 3,     # COCO id 12 is unused
-    12: (11, 8, 12),       # stop sign -> outdoor
-    52: (47, 2, 48),       # banana -> food (things)
-    61: (56, 3, 57),       # chair -> furniture (things)
-    89: (79, 4, 80),       # toothbrush -> indoor, the last thing
-    90: (IGNORE,) * 3,     # COCO id 91 is unused
-    91: (80, 17, 0),       # banner -> textile, the first stuff class; stuff is COCO-80 background
-    100: (89, 13, 0),      # carpet -> floor
-    120: (109, 14, 0),     # food-other -> food (stuff)
-    123: (112, 22, 0),     # grass -> plant
-    156: (145, 23, 0),     # sky-other -> sky
-    170: (159, 18, 0),     # wall-brick -> wall
-    181: (170, 24, 0),     # wood -> solid, the last class
-    182: (IGNORE,) * 3,    # not a COCO-Stuff value
-    255: (IGNORE,) * 3,    # unlabeled
+    0: (0, 9, 1),  # person -> person
+    1: (1, 11, 2),  # bicycle -> vehicle
+    11: (IGNORE,) * 3,  # COCO id 12 is unused
+    12: (11, 8, 12),  # stop sign -> outdoor
+    52: (47, 2, 48),  # banana -> food (things)
+    61: (56, 3, 57),  # chair -> furniture (things)
+    89: (79, 4, 80),  # toothbrush -> indoor, the last thing
+    90: (IGNORE,) * 3,  # COCO id 91 is unused
+    91: (80, 17, 0),  # banner -> textile, the first stuff class; stuff is COCO-80 background
+    100: (89, 13, 0),  # carpet -> floor
+    120: (109, 14, 0),  # food-other -> food (stuff)
+    123: (112, 22, 0),  # grass -> plant
+    156: (145, 23, 0),  # sky-other -> sky
+    170: (159, 18, 0),  # wall-brick -> wall
+    181: (170, 24, 0),  # wood -> solid, the last class
+    182: (IGNORE,) * 3,  # not a COCO-Stuff value
+    255: (IGNORE,) * 3,  # unlabeled
 }
-CITYSCAPES_EXPECTED = {0: IGNORE, 1: IGNORE, 6: IGNORE, 7: 0, 8: 1, 11: 4, 23: 16, 24: 17, 26: 19, 33: 26, 34: IGNORE,
-                       255: IGNORE}
+CITYSCAPES_EXPECTED = {
+    0: IGNORE,
+    1: IGNORE,
+    6: IGNORE,
+    7: 0,
+    8: 1,
+    11: 4,
+    23: 16,
+    24: 17,
+    26: 19,
+    33: 26,
+    34: IGNORE,
+    255: IGNORE,
+}
 LIP_EXPECTED = {  # raw -> (lip19, lip16, lip5)
-    0: (0, 0, 0), 1: (1, 1, 1), 2: (2, 2, 1), 3: (3, 3, 3), 4: (4, 4, 1), 5: (5, 5, 2), 8: (8, 8, 5), 9: (9, 9, 4),
-    12: (12, 12, 2), 13: (13, 13, 1), 14: (14, 14, 3), 15: (15, 14, 3), 16: (16, 15, 4), 17: (17, 15, 4),
-    18: (18, 16, 5), 19: (19, 16, 5), 20: (IGNORE,) * 3, 255: (IGNORE,) * 3,
+    0: (0, 0, 0),
+    1: (1, 1, 1),
+    2: (2, 2, 1),
+    3: (3, 3, 3),
+    4: (4, 4, 1),
+    5: (5, 5, 2),
+    8: (8, 8, 5),
+    9: (9, 9, 4),
+    12: (12, 12, 2),
+    13: (13, 13, 1),
+    14: (14, 14, 3),
+    15: (15, 14, 3),
+    16: (16, 15, 4),
+    17: (17, 15, 4),
+    18: (18, 16, 5),
+    19: (19, 16, 5),
+    20: (IGNORE,) * 3,
+    255: (IGNORE,) * 3,
 }
 
 
@@ -125,16 +153,18 @@ def test_table_selection_by_config():
 
 # ----------------------------------------------------------------------------------------------- layouts
 
+
 def make_cocostuff(root: Path) -> None:
     """3 train + 3 val images; val 000000000285 has no instance annotation (dropped by the instances JSON)."""
     for split, ids in (("train2017", (9, 25, 30)), ("val2017", (139, 285, 632))):
         for i in ids:
             write_image(root / "images" / split / f"{i:012d}.jpg", i)
             write_label(root / "annotations" / split / f"{i:012d}.png", list(COCO_EXPECTED))
-    instances = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (139, 285, 632)],
-                 "annotations": [{"id": 1, "image_id": 139, "category_id": 1}, {"id": 2, "image_id": 632,
-                                                                                 "category_id": 62}],
-                 "categories": [{"id": 1, "name": "person"}, {"id": 62, "name": "chair"}]}
+    instances = {
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (139, 285, 632)],
+        "annotations": [{"id": 1, "image_id": 139, "category_id": 1}, {"id": 2, "image_id": 632, "category_id": 62}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 62, "name": "chair"}],
+    }
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(instances))
 
 
@@ -203,14 +233,20 @@ def test_cocostuff_layout_errors(tmp_path):
         list_samples(cfg, "train")
     make_cocostuff(tmp_path)
     (tmp_path / "annotations" / "train2017" / "000000000025.png").unlink()
-    with pytest.raises(DatasetLayoutError, match=r"annotations/train2017: missing the stuffthingmaps label PNG of "
-                                                 r"1 of 3 images \(e\.g\. 000000000025\)"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=r"annotations/train2017: missing the stuffthingmaps label PNG of "
+        r"1 of 3 images \(e\.g\. 000000000025\)",
+    ):
         list_samples(cfg, "train")
     for p in (tmp_path / "annotations" / "train2017").iterdir():
         p.unlink()
     (tmp_path / "annotations" / "train2017").rmdir()
-    with pytest.raises(DatasetLayoutError, match=r"annotations/train2017: missing the COCO-Stuff train2017 label "
-                                                 r"PNGs.*stuffthingmaps_trainval2017"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=r"annotations/train2017: missing the COCO-Stuff train2017 label "
+        r"PNGs.*stuffthingmaps_trainval2017",
+    ):
         list_samples(cfg, "train")
 
 
@@ -223,11 +259,17 @@ def test_voc_reader(tmp_path):
     assert read_label(val[0].label).reshape(-1)[:5].tolist() == [0, 1, 15, 20, 255]  # palette indices kept
     check_labels(val, "voc", [0, 1, 15, 20, IGNORE])
     (tmp_path / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000033\n2007_999999\n")
-    with pytest.raises(DatasetLayoutError, match=r"JPEGImages: missing 1 of the 2 images listed in .*val.txt "
-                                                 r"\(e\.g\. 2007_999999\)"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=r"JPEGImages: missing 1 of the 2 images listed in .*val.txt "
+        r"\(e\.g\. 2007_999999\)",
+    ):
         list_samples(cfg, "val")
-    with pytest.raises(DatasetLayoutError, match=r"ImageSets/Segmentation/trainval.txt: missing the VOC 2012 "
-                                                 r"'trainval' image list"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=r"ImageSets/Segmentation/trainval.txt: missing the VOC 2012 "
+        r"'trainval' image list",
+    ):
         list_samples(cfg, "trainval")
 
 
@@ -240,8 +282,11 @@ def test_cityscapes_reader(tmp_path):
     check_labels(val, "cityscapes27", list(CITYSCAPES_EXPECTED.values()))
     for p in (tmp_path / "gtFine" / "train" / "bochum").glob("*labelIds.png"):
         p.unlink()
-    with pytest.raises(DatasetLayoutError, match=r"gtFine/train: missing the \*_gtFine_labelIds.png of 1 of 2 "
-                                                 r"images \(e\.g\. bochum_000000_000019\)"):
+    with pytest.raises(
+        DatasetLayoutError,
+        match=r"gtFine/train: missing the \*_gtFine_labelIds.png of 1 of 2 "
+        r"images \(e\.g\. bochum_000000_000019\)",
+    ):
         list_samples(cfg, "train")
     with pytest.raises(DatasetLayoutError, match=r"leftImg8bit/test: missing the Cityscapes test images"):
         list_samples(cfg, "test")
@@ -274,9 +319,12 @@ def test_folder_reader(tmp_path):
 def test_readers_on_s3(s3_bucket, tmp_path):
     """The same fixtures staged to the moto server with jobs/stage_dataset.py read the same from s3://."""
     stage = stage_module()
-    for name, make, preset, split in (("coco", make_cocostuff, "cocostuff171", "val"),
-                                      ("city", make_cityscapes, "cityscapes27", "train"),
-                                      ("lip", make_lip, "lip5", "val"), ("voc", make_voc, "voc", "train")):
+    for name, make, preset, split in (
+        ("coco", make_cocostuff, "cocostuff171", "val"),
+        ("city", make_cityscapes, "cityscapes27", "train"),
+        ("lip", make_lip, "lip5", "val"),
+        ("voc", make_voc, "voc", "train"),
+    ):
         local = tmp_path / name
         make(local)
         stage.stage_dataset(local, f"{s3_bucket}/{name}", workers=4, progress=False)
@@ -292,20 +340,26 @@ def test_readers_on_s3(s3_bucket, tmp_path):
 
 def test_missing_bucket_root(s3_bucket):
     cfg = cfg_for("s3://no-such-bucket-transfgu/coco", "cocostuff27")
-    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-transfgu/coco/images/val2017: bucket "
-                                                   r"'no-such-bucket-transfgu' does not exist \(endpoint http://127"):
+    with pytest.raises(
+        storage.StorageError,
+        match=r"s3://no-such-bucket-transfgu/coco/images/val2017: bucket "
+        r"'no-such-bucket-transfgu' does not exist \(endpoint http://127",
+    ):
         list_samples(cfg, "val")
 
 
 def test_evaluation_labels_are_remapped(tmp_path):
     """The evaluate stage scores remapped labels: COCO raw ids -> the 27 super-classes, 255 ignored."""
-    from transfgu_dist.stages.evaluate import load_labeled_images
+    from transfgu_dist.pipeline.scoring import load_labeled_images
 
     make_cocostuff(tmp_path)
     cfg = cfg_for(tmp_path, "cocostuff27")
     val = list_samples(cfg, "val")
-    batch = {"image_id": np.array([s.image_id for s in val]), "uri": np.array([s.image for s in val]),
-             "label": np.array([s.label for s in val])}
+    batch = {
+        "image_id": np.array([s.image_id for s in val]),
+        "uri": np.array([s.image for s in val]),
+        "label": np.array([s.label for s in val]),
+    }
     out = load_labeled_images(batch, (H, W), label_map=label_maps.table_name(cfg.data.layout, cfg.data.n_classes))
     assert out["ok"].all()
     expected = [v[1] for v in COCO_EXPECTED.values()]

@@ -1,13 +1,14 @@
 """The encoder matches timm's own forward, loads DINO-format checkpoints, and batched Grad-CAM equals a K-loop."""
+
 import math
 
 import pytest
 import torch
 
 from transfgu_dist.config import EncoderConfig, PseudoLabelConfig
-from transfgu_dist.encoder import (EncoderLoadError, build_encoder, dino_pos_embed, load_dino_weights, resolve_encoder,
-                                   ViTEncoder)
-from transfgu_dist.pseudo_labels import attention_gradients, concept_similarity, gradcam
+from transfgu_dist.io.weights import EncoderLoadError, build_encoder, load_dino_weights, resolve_encoder
+from transfgu_dist.method.encoder import ViTEncoder, dino_pos_embed
+from transfgu_dist.method.gradcam import attention_gradients, concept_similarity, gradcam
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,9 @@ def test_hand_run_last_block_matches_timm(arch):
 def test_dino_v1_at_224_is_timm_forward(encoder):
     x = torch.randn(1, 3, 224, 224)
     out, ref = encoder(x), encoder.vit.forward_features(x)
-    assert torch.allclose(out.cls, ref[:, 0], atol=1e-5) and torch.allclose(out.patch.flatten(1, 2), ref[:, 1:],
-                                                                           atol=1e-5)
+    assert torch.allclose(out.cls, ref[:, 0], atol=1e-5) and torch.allclose(
+        out.patch.flatten(1, 2), ref[:, 1:], atol=1e-5
+    )
     assert torch.allclose(out.cls_attn, timm_last_attention(encoder.vit, x), atol=1e-6)
 
 
@@ -87,28 +89,34 @@ def test_dinov2_position_table_follows_the_official_rule(arch):
 
     enc = build_encoder(EncoderConfig(arch=arch, weights="random"))
     vit, n = enc.vit, 37
-    patches = vit.pos_embed[:, -n * n:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    patches = vit.pos_embed[:, -n * n :].reshape(1, n, n, -1).permute(0, 3, 1, 2)
     grid = (40, 20)
     if enc.n_prefix == 1:
-        official = F.interpolate(patches, scale_factor=((40 + 0.1) / n, (20 + 0.1) / n), mode="bicubic",
-                                 antialias=False)
+        official = F.interpolate(
+            patches, scale_factor=((40 + 0.1) / n, (20 + 0.1) / n), mode="bicubic", antialias=False
+        )
     else:
         official = F.interpolate(patches, size=grid, mode="bicubic", antialias=True)
     x = torch.zeros(1, 3, 40 * 14, 20 * 14)
     tokens = enc.tokens(x)[0]
     embedded = vit.patch_embed(x).flatten(1, 2)
-    assert torch.allclose(tokens[:, enc.n_prefix:] - embedded, official.flatten(2).transpose(1, 2), atol=1e-6)
+    assert torch.allclose(tokens[:, enc.n_prefix :] - embedded, official.flatten(2).transpose(1, 2), atol=1e-6)
     assert enc.offset_table == (enc.n_prefix == 1)
     same = torch.zeros(1, 3, 518, 518)
-    assert torch.allclose(enc.tokens(same)[0][:, enc.n_prefix:] - vit.patch_embed(same).flatten(1, 2),
-                          vit.pos_embed[:, -n * n:], atol=1e-6)
+    assert torch.allclose(
+        enc.tokens(same)[0][:, enc.n_prefix :] - vit.patch_embed(same).flatten(1, 2),
+        vit.pos_embed[:, -n * n :],
+        atol=1e-6,
+    )
 
 
 def bicubic_1d(x, scale, out_len):
     """Plain bicubic (Keys, a = -0.75, border-clamped) along dim 0: src = (i + 0.5)/scale - 0.5."""
+
     def w(t):
         t = abs(t)
         return (1.25 * t - 2.25) * t * t + 1 if t <= 1 else ((-0.75 * t + 3.75) * t - 6) * t + 3 if t < 2 else 0.0
+
     rows = []
     for i in range(out_len):
         src = (i + 0.5) / scale - 0.5
@@ -189,8 +197,10 @@ def test_fallback_only_for_the_default_weights(tmp_path, caplog):
         resolve_encoder(EncoderConfig(arch="vit_small_patch8", weights=missing))
 
 
-@pytest.mark.parametrize("arch,kind,scale", [("vit_tiny_test", "dot", 1.0), ("vit_tiny_test", "cosine", 0.125),
-                                             *((a, "cosine", 0.125) for a in FAMILIES[1:])])
+@pytest.mark.parametrize(
+    "arch,kind,scale",
+    [("vit_tiny_test", "dot", 1.0), ("vit_tiny_test", "cosine", 0.125), *((a, "cosine", 0.125) for a in FAMILIES[1:])],
+)
 def test_batched_gradcam_equals_k_backward_loop(arch, kind, scale):
     encoder = perturbed(arch)
     torch.manual_seed(0)
@@ -201,7 +211,7 @@ def test_batched_gradcam_equals_k_backward_loop(arch, kind, scale):
         out = encoder(images, with_patch=False, attn_grad=True)
         loss = scale * (1 - concept_similarity(out.cls, concepts, kind)[:, k]).sum()
         (g,) = torch.autograd.grad(loss, out.cls_attn)
-        loop.append(g[..., out.n_prefix:].mean(1).unflatten(1, out.grid))
+        loop.append(g[..., out.n_prefix :].mean(1).unflatten(1, out.grid))
     assert batched.shape == (3, 5, 4, 5)
     assert torch.allclose(batched, torch.stack(loop, dim=1), atol=1e-5)
     maps, attn = gradcam(encoder, images, concepts, PseudoLabelConfig(similarity=kind, loss_scale=scale))
@@ -214,8 +224,11 @@ def official_format(arch, state):
     out = {"mask_token": torch.zeros(1, d)}
     if arch == "dinov2_reg4_tiny_test":  # official: pos_embed has a CLS row, cls_token excludes it
         cls_pos = torch.randn(1, 1, d)
-        out.update(register_tokens=state.pop("reg_token"), cls_token=state.pop("cls_token") - cls_pos[:, 0],
-                   pos_embed=torch.cat([cls_pos, state.pop("pos_embed")], 1))
+        out.update(
+            register_tokens=state.pop("reg_token"),
+            cls_token=state.pop("cls_token") - cls_pos[:, 0],
+            pos_embed=torch.cat([cls_pos, state.pop("pos_embed")], 1),
+        )
     if arch == "dinov3_tiny_test":
         out.update(storage_tokens=state.pop("reg_token"), **{"rope_embed.periods": torch.rand(6)})
         for i in range(2):
@@ -235,7 +248,9 @@ def test_official_checkpoint_formats(tmp_path, arch):
     broken = official_format(arch, src)
     del broken["norm.weight"]
     torch.save(broken, bad := tmp_path / "bad.pth")
-    with pytest.raises(EncoderLoadError, match=rf"bad\.pth: does not match encoder '{arch}'.*missing keys: norm\.weight"):
+    with pytest.raises(
+        EncoderLoadError, match=rf"bad\.pth: does not match encoder '{arch}'.*missing keys: norm\.weight"
+    ):
         build_encoder(EncoderConfig(arch=arch, weights=str(bad)))
     other = "dinov2_tiny_test" if "dinov3" in arch else "dinov3_tiny_test"  # the other family's file
     with pytest.raises(EncoderLoadError, match=rf"{arch}_pretrain\.pth: does not match encoder '{other}'"):

@@ -1,14 +1,15 @@
 """Each equation of the paper on tiny tensors, against values worked out by hand in the comments."""
+
 import math
 
 import pytest
 import torch
 
 from transfgu_dist.config import DecoderConfig, PseudoLabelConfig
-from transfgu_dist.decoder import MaskTransformer
-from transfgu_dist.losses import cross_entropy, diversity_loss, peer_loss, total_loss, uncertainty_loss
-from transfgu_dist.pseudo_labels import concept_similarity, response_maps, top_mass_mask
-from transfgu_dist.targets import bootstrapped, hard_labels, minmax, soft_targets, split_fg_bg, with_background
+from transfgu_dist.method.decoder import MaskTransformer
+from transfgu_dist.method.gradcam import concept_similarity, response_maps, top_mass_mask
+from transfgu_dist.method.losses import cross_entropy, diversity_loss, peer_loss, total_loss, uncertainty_loss
+from transfgu_dist.method.targets import bootstrapped, hard_labels, minmax, soft_targets, split_fg_bg, with_background
 
 
 def test_eq5_similarity_dot_and_cosine():
@@ -29,8 +30,8 @@ def test_top_mass_mask():
     assert top_mass_mask(y, 0.8).tolist() == [[False, True], [True, False]]
 
 
-ATTN = torch.tensor([[[0.2, 0.4], [0.1, 0.3]]])           # A_L^cls, (B=1, 2, 2)
-GRAD = torch.tensor([[[[-0.3, 0.1], [-0.1, 0.0]]]])       # d loss / dA for K=1, (1, 1, 2, 2)
+ATTN = torch.tensor([[[0.2, 0.4], [0.1, 0.3]]])  # A_L^cls, (B=1, 2, 2)
+GRAD = torch.tensor([[[[-0.3, 0.1], [-0.1, 0.0]]]])  # d loss / dA for K=1, (1, 1, 2, 2)
 
 
 def test_eq7_paper_response():
@@ -122,7 +123,9 @@ def test_eq16_total_loss():
     assert math.isclose(float(terms.total), 0.5 + 1.2 + 0.3 * 0.4, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("head,expected", [("scaled_dot", [2 / math.sqrt(2), -2 / math.sqrt(2)]), ("cosine_ln", [1.0, -1.0])])
+@pytest.mark.parametrize(
+    "head,expected", [("scaled_dot", [2 / math.sqrt(2), -2 / math.sqrt(2)]), ("cosine_ln", [1.0, -1.0])]
+)
 def test_eq2_masks(head, expected):
     dec = MaskTransformer(2, 2, DecoderConfig(n_layers=0, n_heads=1, dropout=0.0, mask_head=head))
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """Evaluation stage on a real local Ray: a random decoder scored on tiny synthetic scenes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +13,12 @@ import ray
 import torch
 from PIL import Image
 
-from transfgu_dist import synthetic
-from transfgu_dist.config import Config, load_config
-from transfgu_dist.decoder import MaskTransformer
-from transfgu_dist.encoder import ARCHS
-from transfgu_dist.stages import evaluate
-from transfgu_dist.segmenter import CheckpointError, load_decoder
-from transfgu_dist.stages.evaluate import class_names, run_evaluate
+from transfgu_dist.config import ARCHS, Config, load_config
+from transfgu_dist.inference.segmenter import CheckpointError, load_decoder
+from transfgu_dist.io import synthetic
+from transfgu_dist.method.decoder import MaskTransformer
+from transfgu_dist.pipeline.stages import evaluate
+from transfgu_dist.pipeline.stages.evaluate import class_names, run_evaluate
 
 SIZE = 64
 
@@ -40,16 +40,30 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def make_config(output: Path, data: Path, *extra: str) -> Config:
-    return load_config(overrides=[f"output={output}", f"data.root={data}", f"eval.image_size=[{SIZE}, {SIZE}]",
-                                  "eval.batch_size=4", "eval.n_overlays=2", "encoder.arch=vit_tiny_test",
-                                  "encoder.weights=random", *extra])
+    return load_config(
+        overrides=[
+            f"output={output}",
+            f"data.root={data}",
+            f"eval.image_size=[{SIZE}, {SIZE}]",
+            "eval.batch_size=4",
+            "eval.n_overlays=2",
+            "encoder.arch=vit_tiny_test",
+            "encoder.weights=random",
+            *extra,
+        ]
+    )
 
 
 def save_checkpoint(cfg: Config, path: Path, **override) -> str:
     """A randomly initialised decoder in the bootstrap stage's checkpoint format."""
     decoder = MaskTransformer(ARCHS[cfg.encoder.arch][1], cfg.n_outputs, cfg.decoder)
-    ckpt = {"decoder": decoder.state_dict(), "n_outputs": cfg.n_outputs,
-            "encoder": dataclasses.asdict(cfg.encoder), "round": 0, **override}
+    ckpt = {
+        "decoder": decoder.state_dict(),
+        "n_outputs": cfg.n_outputs,
+        "encoder": dataclasses.asdict(cfg.encoder),
+        "round": 0,
+        **override,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return str(path)
@@ -85,17 +99,21 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
 
     def recompute(*args, **kwargs):
         raise AssertionError("a committed stage must not be recomputed")
+
     monkeypatch.setattr(evaluate, "list_samples", recompute)
     monkeypatch.setattr(evaluate, "load_decoder", recompute)
     again = run_evaluate(cfg)
     assert again.manifest["metrics"] == metrics and again.processed == 0
 
 
-@pytest.mark.parametrize("bad", [
-    lambda cfg, ckpt: ckpt["decoder"],                                    # a plain state dict
-    lambda cfg, ckpt: {**ckpt, "n_outputs": cfg.n_outputs + 1},           # wrong number of clusters
-    lambda cfg, ckpt: {**ckpt, "encoder": {"arch": "vit_small_patch8"}},  # trained on another encoder
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda cfg, ckpt: ckpt["decoder"],  # a plain state dict
+        lambda cfg, ckpt: {**ckpt, "n_outputs": cfg.n_outputs + 1},  # wrong number of clusters
+        lambda cfg, ckpt: {**ckpt, "encoder": {"arch": "vit_small_patch8"}},  # trained on another encoder
+    ],
+)
 def test_wrong_checkpoint_names_the_file(tmp_path, data_dir, bad):
     cfg = make_config(tmp_path / "run", data_dir)
     good = save_checkpoint(cfg, tmp_path / "good.pt")

@@ -1,24 +1,28 @@
 """Fidelity points of issue 11 pinned by the figures measured against the authors' code."""
+
 import math
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from transfgu_dist import bank
 from transfgu_dist.config import DecoderConfig, EncoderConfig, PseudoLabelConfig, load_config
-from transfgu_dist.crops import sliding_windows, windows_to_boxes
-from transfgu_dist.decoder import MaskTransformer
-from transfgu_dist.encoder import build_encoder
-from transfgu_dist.images import resize_labels, to_float_batch
-from transfgu_dist.metrics import scores_from_confusion
-from transfgu_dist.pseudo_labels import compose, gradcam_terms
-from transfgu_dist.resizing import ANTIALIAS, Resizing, resize_crops, resizing
-from transfgu_dist.targets import minmax
+from transfgu_dist.io import bank
+from transfgu_dist.io.images import resize_labels, to_float_batch
+from transfgu_dist.io.weights import build_encoder
+from transfgu_dist.method.crops import sliding_windows, windows_to_boxes
+from transfgu_dist.method.decoder import MaskTransformer
+from transfgu_dist.method.gradcam import compose, gradcam_terms
+from transfgu_dist.method.metrics import scores_from_confusion
+from transfgu_dist.method.resizing import ANTIALIAS, Resizing, resize_crops, resizing
+from transfgu_dist.method.targets import minmax
 
-STARTS_640 = {0.5: [0, 160, 312], 0.4: [0, 128, 256, 376], 0.3: [0, 96, 192, 288, 384, 440],
-              0.2: [0, 64, 128, 192, 256, 320, 384, 448, 504]}
+STARTS_640 = {
+    0.5: [0, 160, 312],
+    0.4: [0, 128, 256, 376],
+    0.3: [0, 96, 192, 288, 384, 440],
+    0.2: [0, 64, 128, 192, 256, 320, 384, 448, 504],
+}
 SIDES_640 = {0.5: 327, 0.4: 263, 0.3: 199, 0.2: 135}
 
 
@@ -104,18 +108,28 @@ def test_schedules_follow_reference():
 
 
 def test_epoch_repeat_per_preset():
-    assert {p: _cfg(p).train.epoch_repeat for p in ("voc", "cityscapes27", "cocostuff27", "lip5", "synthetic")} == \
-        {"voc": 20, "cityscapes27": 20, "cocostuff27": 1, "lip5": 1, "synthetic": 1}
+    assert {p: _cfg(p).train.epoch_repeat for p in ("voc", "cityscapes27", "cocostuff27", "lip5", "synthetic")} == {
+        "voc": 20,
+        "cityscapes27": 20,
+        "cocostuff27": 1,
+        "lip5": 1,
+        "synthetic": 1,
+    }
 
 
 def test_profiles_set_window_rule_and_decoder():
     ref, paper = _cfg("synthetic"), _cfg("synthetic", "paper")
     assert (ref.crops.window_rule, ref.decoder.block_eps, ref.decoder.class_init) == ("reference", 1e-5, "orthogonal")
-    assert (paper.crops.window_rule, paper.decoder.block_eps, paper.decoder.class_init) == ("paper", 1e-6, "trunc_normal")
+    assert (paper.crops.window_rule, paper.decoder.block_eps, paper.decoder.class_init) == (
+        "paper",
+        1e-6,
+        "trunc_normal",
+    )
 
 
 def test_best_checkpoint_score():
-    from transfgu_dist.stages.bootstrap import selection_score
+    from transfgu_dist.method.bootstrapping import selection_score
+
     m = {"val/miou": 0.25, "val/pixel_accuracy": 0.5}
     assert selection_score(m, "miou_plus_acc") == 0.75 and selection_score(m, "miou") == 0.25
     # epoch A (mIoU 0.30, acc 0.40) loses to epoch B (0.28, 0.50) under the reference rule only
@@ -124,10 +138,12 @@ def test_best_checkpoint_score():
     assert selection_score(b, "miou") < selection_score(a, "miou")
 
 
-@pytest.mark.parametrize("skip,sign,stepped", [(True, -1.0, False), (True, 0.0, False), (True, 1.0, True),
-                                                (False, -1.0, True)])
+@pytest.mark.parametrize(
+    "skip,sign,stepped", [(True, -1.0, False), (True, 0.0, False), (True, 1.0, True), (False, -1.0, True)]
+)
 def test_optimizer_step_skipped_for_nonpositive_loss(skip, sign, stepped):
-    from transfgu_dist.stages.bootstrap import optimizer_step
+    from transfgu_dist.method.bootstrapping import optimizer_step
+
     cfg = load_config(preset="synthetic")
     cfg.train.skip_nonpositive_loss = skip
     model = torch.nn.Linear(2, 1)
@@ -164,9 +180,9 @@ def test_bank_hand_worked_pixel():
     assert _fp16_maps(maps).flatten().tolist() == [0.75, 0.75, 0.0] and _fp16_maps(maps).argmax(1).item() == 0
     back = _bank_round_trip(shared, terms)
     assert back.argmax(1).item() == 1 and back[0, 2, 0, 0].item() == 0.0
-    assert (back - maps).abs().max().item() < 1.2e-4 * 2 ** -11
+    assert (back - maps).abs().max().item() < 1.2e-4 * 2**-11
     s, t, scale = bank.encode(shared, terms)  # scale: the power of two above the largest term, 2^-13
-    assert scale.tolist() == [2.0 ** -13] and s.dtype == np.float32 and t.dtype == np.float16
+    assert scale.tolist() == [2.0**-13] and s.dtype == np.float32 and t.dtype == np.float16
 
 
 @pytest.mark.parametrize("k", [27, 171])
@@ -212,8 +228,11 @@ def test_reference_resize_methods_per_profile():
     `nearest`. paper keeps antialiased bilinear, RoI-Align crops and `nearest-exact` labels."""
     assert resizing(_cfg("cocostuff27").data) == Resizing("nearest", "bilinear", "bilinear", "nearest")
     assert resizing(_cfg("voc").data) == Resizing("bilinear", "bilinear", "bilinear", "nearest")
-    assert resizing(_cfg("cocostuff27", "paper").data) == ANTIALIAS == Resizing("antialias", "antialias",
-                                                                               "roi_align", "nearest-exact")
+    assert (
+        resizing(_cfg("cocostuff27", "paper").data)
+        == ANTIALIAS
+        == Resizing("antialias", "antialias", "roi_align", "nearest-exact")
+    )
 
 
 def test_resize_methods_hand_worked():
@@ -250,7 +269,7 @@ def test_table3_scores_the_bank_argmax(tmp_path):
     is left out."""
     from PIL import Image
 
-    from transfgu_dist.stages.table3 import bank_confusion
+    from transfgu_dist.pipeline.table3 import bank_confusion
 
     gt = np.repeat(np.array([[0, 0, 1, 1]], np.uint8), 4, axis=0)
     for i in ("a", "b"):
@@ -259,9 +278,15 @@ def test_table3_scores_the_bank_argmax(tmp_path):
     terms = torch.tensor([[[1e-4, 2e-4], [1e-4, 2e-4]], [[2e-4, 1e-4], [2e-4, 1e-4]]])  # (K, h, w)
     terms = torch.stack([terms, terms, terms])  # images a, b, c (c has no GT)
     s, t, scale = bank.encode(torch.full((3, 2, 2), 0.5), terms)
-    batch = {"image_id": np.array(["a", "b", "c"]), "uri": np.array([str(tmp_path / f"{i}.png") for i in "abc"]),
-             "grid": np.array([[2, 2]] * 3), "shared": s, "terms": t, "scale": scale,
-             "fg_prior": np.ones((3, 4), bool)}
+    batch = {
+        "image_id": np.array(["a", "b", "c"]),
+        "uri": np.array([str(tmp_path / f"{i}.png") for i in "abc"]),
+        "grid": np.array([[2, 2]] * 3),
+        "shared": s,
+        "terms": t,
+        "scale": scale,
+        "fg_prior": np.ones((3, 4), bool),
+    }
     cfg = load_config(overrides=["eval.image_size=[8, 8]", "data.n_classes=2", "cluster.k_fg=1", "cluster.k_bg=1"])
     labels = {i: str(tmp_path / f"{i}_gt.png") for i in "ab"}
     conf = bank_confusion(batch, cfg, None, labels)["confusion"][0]
@@ -271,14 +296,18 @@ def test_table3_scores_the_bank_argmax(tmp_path):
 
 def test_old_bank_part_named(tmp_path):
     """A part in the old summed-fp16 form fails in one line naming the file and the expected columns."""
-    from transfgu_dist.parts import fixed_list
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from transfgu_dist.io.parts import fixed_list
+
     old = tmp_path / "part-old.parquet"
     pq.write_table(pa.table({"image_id": ["a"], "maps": fixed_list(np.ones((1, 4), np.float16), pa.float16())}), old)
-    with pytest.raises(ValueError, match=r"part-old.parquet: expected the pseudo-label bank columns shared, terms, "
-                                         r"scale, got image_id, maps \(a bank from an older version: rerun pseudo_label\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"part-old.parquet: expected the pseudo-label bank columns shared, terms, "
+        r"scale, got image_id, maps \(a bank from an older version: rerun pseudo_label\)",
+    ):
         bank.check_part(str(old))
     new = tmp_path / "part-new.parquet"
     pq.write_table(pa.table(bank.columns(torch.ones(1, 2, 2), torch.zeros(1, 3, 2, 2))), new)

@@ -5,14 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transfgu_dist.images import (
-    BadImageError,
-    decode_image,
-    decode_label,
-    normalize,
-    resize_labels,
-    to_float_batch,
-)
+from transfgu_dist.io.images import BadImageError, decode_image, decode_label, resize_labels, to_float_batch
+from transfgu_dist.method.encoder import normalize
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None) -> bytes:
@@ -84,9 +78,7 @@ def test_to_float_batch():
 def test_resize_labels_nearest():
     lab = np.array([[0, 1], [2, 255]], np.uint8)
     out = resize_labels(lab, (4, 4))
-    expected = torch.tensor(
-        [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]], dtype=torch.uint8
-    )
+    expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 255], [2, 2, 255, 255]], dtype=torch.uint8)
     torch.testing.assert_close(out, expected)
     assert resize_labels(torch.zeros(3, 8, 8, dtype=torch.long), (2, 4)).shape == (3, 2, 4)
 

@@ -1,4 +1,5 @@
-"""One driver per output (transfgu_dist.lease): real processes racing for one output folder."""
+"""One driver per output (transfgu_dist.pipeline.lease): real processes racing for one output folder."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,23 @@ import time
 
 import pytest
 
-from transfgu_dist.lease import LEASE, Lease, LeaseError, hold
+from transfgu_dist.pipeline.lease import LEASE, Lease, LeaseError, hold
 
-HOLD = ("import sys, time; from transfgu_dist.lease import hold, LeaseError\n"
-        "try:\n    hold(sys.argv[1]); print('held', flush=True)\nexcept LeaseError as e:\n    print('refused', e, flush=True)"
-        "\n    sys.exit(3)\ntime.sleep(float(sys.argv[2]))")
+HOLD = (
+    "import sys, time; from transfgu_dist.pipeline.lease import hold, LeaseError\n"
+    "try:\n    hold(sys.argv[1]); print('held', flush=True)\n"
+    "except LeaseError as e:\n    print('refused', e, flush=True)"
+    "\n    sys.exit(3)\ntime.sleep(float(sys.argv[2]))"
+)
 
 
 def driver(out, seconds: float) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(seconds)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
 
 
 def test_two_drivers_started_together_exactly_one_holds(tmp_path):
@@ -69,7 +77,7 @@ def test_heartbeat_refreshes_the_lease(tmp_path):
 @pytest.fixture
 def s3_lease(s3_bucket):
     """(output URI, boto3 client, bucket, lease key) on a fresh bucket; one client for the whole test."""
-    from transfgu_dist import s3
+    from transfgu_dist.io import s3
 
     return f"{s3_bucket}/run", s3.boto3_client(), s3_bucket.removeprefix("s3://"), f"run/{LEASE}"
 
@@ -81,7 +89,7 @@ def record(s3_lease) -> tuple[dict, str]:
 
 
 def test_s3_lease_conditional_put_refuses_the_second_driver(s3_lease):
-    from transfgu_dist.lease import S3Lease
+    from transfgu_dist.pipeline.lease import S3Lease
 
     out, client, bucket, _ = s3_lease
     first = hold(out)
@@ -97,11 +105,12 @@ def test_s3_lease_conditional_put_refuses_the_second_driver(s3_lease):
 def test_s3_stale_lease_taken_over_once_and_a_stalled_holder_finds_out(s3_lease):
     """An expired heartbeat from another host is taken over with If-Match on its ETag; a second driver taking over
     the same stale ETag loses (412); the holder whose lease was taken stops its heartbeat (`lost`)."""
-    from transfgu_dist.lease import S3Lease
+    from transfgu_dist.pipeline.lease import S3Lease
 
     out, client, bucket, key = s3_lease
     put = lambda host, pid, age: client.put_object(  # noqa: E731
-        Bucket=bucket, Key=key, Body=json.dumps({"host": host, "pid": pid, "time": time.time() - age}).encode())
+        Bucket=bucket, Key=key, Body=json.dumps({"host": host, "pid": pid, "time": time.time() - age}).encode()
+    )
     stale = put("elsewhere", 1, 30)["ETag"]
     with pytest.raises(LeaseError, match="host elsewhere, pid 1"):
         S3Lease(out, ttl=60, client=client).acquire()

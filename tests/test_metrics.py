@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfgu_dist.metrics import confusion_matrix, hungarian_match, scores_from_confusion
+from transfgu_dist.method.metrics import confusion_matrix, hungarian_match, scores_from_confusion
 
 
 def test_permuted_perfect_prediction_scores_one():

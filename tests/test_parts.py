@@ -1,4 +1,5 @@
 """Parquet part helpers: fixed-size-list columns in and out, and the cluster stage's streamed feature read."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +7,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from transfgu_dist import parts
-from transfgu_dist.parts import fixed_list, list_values, read_table, write_part
 from transfgu_dist.config import Config
-from transfgu_dist.stages.cluster import _fit, load_concepts, read_pools
-from transfgu_dist.stages.extract import features_output
-from transfgu_dist.storage import StageOutput, StorageError
+from transfgu_dist.io import parts
+from transfgu_dist.io.concepts_file import load_concepts
+from transfgu_dist.io.parts import fixed_list, list_values, read_table, write_part
+from transfgu_dist.io.storage import StageOutput, StorageError
+from transfgu_dist.pipeline import contract
+from transfgu_dist.pipeline.stages.cluster import _fit, read_pools
 
 
 def test_list_values_over_chunk_slices_and_shapes():
@@ -47,6 +49,7 @@ def test_read_pools_splits_and_widens_every_row(tmp_path):
 
     def rows(a: np.ndarray) -> list[tuple]:
         return sorted(map(tuple, a.astype(np.float32).tolist()))
+
     assert rows(fg) == rows(x[is_fg]) and rows(bg) == rows(x[~is_fg])  # every row once, exactly widened
     table = read_table(uris)
     assert np.array_equal(list_values(table.column("feature"))[table.column("is_fg").to_numpy()], fg.astype(np.float16))
@@ -73,9 +76,10 @@ def test_read_pools_caps_each_pool_to_a_uniform_sample(tmp_path):
 
     def numbers(a: np.ndarray) -> list[int]:
         return sorted(a[:, 0].astype(int).tolist())
+
     fg, bg = read_pools(uris, (30, None), seed=3)
     assert len(set(numbers(fg))) == 30 and set(numbers(fg)) <= fg_rows  # 30 distinct fg rows
-    assert numbers(bg) == sorted(bg_rows)                                # no cap: every bg row
+    assert numbers(bg) == sorted(bg_rows)  # no cap: every bg row
     again, _ = read_pools(uris, (30, None), seed=3)
     other, _ = read_pools(uris, (30, None), seed=4)
     assert numbers(again) == numbers(fg) and numbers(other) != numbers(fg)
@@ -86,19 +90,24 @@ def test_read_pools_caps_each_pool_to_a_uniform_sample(tmp_path):
 def test_cluster_reads_only_the_points_it_trains_on(tmp_path):
     cfg = Config(output=str(tmp_path))
     cfg.cluster.k_fg, cfg.cluster.k_bg, cfg.cluster.niter, cfg.cluster.max_points_per_centroid = 3, 2, 5, 7
-    features = features_output(cfg)
+    features = contract.output(cfg, "extract")
     is_fg = _numbered_features(features, [50, 60, 70])
     assert is_fg.sum() > 3 * 7 and (~is_fg).sum() > 2 * 7  # both caps bind
     manifest = _fit(cfg, [features.part_uri(n) for n in sorted(features.done_parts())])
     assert (manifest["points_fg"], manifest["points_bg"]) == (3 * 7, 2 * 7)
-    assert load_concepts(cfg).centroids.shape == (5, 3)
+    assert load_concepts(contract.output(cfg, "cluster")).centroids.shape == (5, 3)
 
 
 def test_write_part_encodes_floats_byte_stream_split(tmp_path):
     out = StageOutput(str(tmp_path / "bank"))
-    table = pa.table({"image_id": ["a", "b"], "beta": pa.array([0.5, 0.2], pa.float32()),
-                      "maps": fixed_list(np.ones((2, 3), np.float16), pa.float16()),
-                      "box": fixed_list(np.ones((2, 4), np.int32), pa.int32())})
+    table = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "beta": pa.array([0.5, 0.2], pa.float32()),
+            "maps": fixed_list(np.ones((2, 3), np.float16), pa.float16()),
+            "box": fixed_list(np.ones((2, 4), np.int32), pa.int32()),
+        }
+    )
     name = write_part(out, table, ["a", "b"], [])
     meta = pq.ParquetFile(out.part_uri(name)).metadata.row_group(0)
     encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
@@ -117,14 +126,17 @@ def _crop_part(out: StageOutput, writer: str, ids: list[str], bad: list[str] = (
 def test_deduplicate_leaves_each_image_in_one_part(root):
     out = StageOutput(root + "/features")
     a = _crop_part(out, "a", ["1", "2", "3"])
-    b = _crop_part(out, "b", ["3", "4"])          # overlaps a in part: rewritten as {4}
-    c = _crop_part(out, "c", ["1", "2"])          # inside a: removed
-    d = _crop_part(out, "d", ["5"], bad=["x"])    # kept
-    e = _crop_part(out, "e", [], bad=["x"])       # its one bad image is in d: removed
+    b = _crop_part(out, "b", ["3", "4"])  # overlaps a in part: rewritten as {4}
+    c = _crop_part(out, "c", ["1", "2"])  # inside a: removed
+    d = _crop_part(out, "d", ["5"], bad=["x"])  # kept
+    e = _crop_part(out, "e", [], bad=["x"])  # its one bad image is in d: removed
     removed, left = parts.deduplicate(out)
     assert sorted(removed) == sorted([b, c, e])
-    assert parts.coverage(out) == left == {a: ({"1", "2", "3"}, set()), d: ({"5"}, {"x"}),
-                                           parts.part_name(["4"], []): ({"4"}, set())}
+    assert (
+        parts.coverage(out)
+        == left
+        == {a: ({"1", "2", "3"}, set()), d: ({"5"}, {"x"}), parts.part_name(["4"], []): ({"4"}, set())}
+    )
     table = read_table([out.part_uri(n) for n in out.done_parts()])
     rows = sorted(zip(table.column("image_id").to_pylist(), table.column("writer").to_pylist()))
     assert rows == [(i, w) for i, w in [("1", "a"), ("2", "a"), ("3", "a"), ("4", "b"), ("5", "d")] for _ in range(2)]
@@ -136,7 +148,7 @@ def test_deduplicate_after_a_crash_mid_rewrite(root):
     out = StageOutput(root + "/bank")
     a = _crop_part(out, "a", ["1", "2"])
     b = _crop_part(out, "b", ["2", "3", "4"])  # the larger: kept first, so a loses "2"
-    rest = _crop_part(out, "a", ["1"])         # what the interrupted rewrite of a had published
+    rest = _crop_part(out, "a", ["1"])  # what the interrupted rewrite of a had published
     removed, left = parts.deduplicate(out)
     assert removed == [a]
     assert sorted(parts.coverage(out)) == sorted(left) == sorted([b, rest])
@@ -150,7 +162,7 @@ def test_resume_and_commit_bookkeeping_is_linear_at_100k_images():
     far more than shared-core noise."""
     import time
 
-    from transfgu_dist.datasets import Sample
+    from transfgu_dist.io.datasets import Sample
 
     n = 100_000
     samples = [Sample(image_id=f"{i:06d}", image=f"/x/{i:06d}.jpg") for i in range(n)]

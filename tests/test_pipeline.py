@@ -2,6 +2,7 @@
 
 One end-to-end run is shared; the resume, failure, DDP and `ray job submit` tests reuse its data and outputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import SMALL, free_port, job
+
 from transfgu_dist.config import load_config
-from transfgu_dist.parts import list_values, read_table, write_part
-from transfgu_dist.storage import StageOutput
+from transfgu_dist.io.parts import list_values, read_table, write_part
+from transfgu_dist.io.storage import StageOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_end_to_end_outputs(run_dir):
     # cluster: K concepts of width d, foreground first
     with np.load(run_dir / "concepts" / "concepts.npz") as c:
         assert c["centroids"].shape == (K, d) and c["is_fg"].tolist() == [True] * 4 + [False] * 4
-    # pseudo-label bank: one row per training image, maps stored as shared fp32 + fp16 terms (transfgu_dist.bank)
+    # pseudo-label bank: one row per training image, maps stored as shared fp32 + fp16 terms (transfgu_dist.io.bank)
     bank = read_table([str(p) for p in parquet_files(run_dir / "bank")])
     assert bank.num_rows == 12
     terms = list_values(bank.column("terms"), (K, 8, 8))
@@ -65,6 +66,7 @@ def test_end_to_end_outputs(run_dir):
         assert ckpt["n_outputs"] == K and ckpt["decoder"]["cls_emb"].shape == (1, K, d)
     # evaluate: metrics and pictures
     import json
+
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1 and metrics["n_images"] == 6
     assert (run_dir / "evaluate" / "confusion.png").exists() and list((run_dir / "evaluate" / "overlays").glob("*.png"))
@@ -114,7 +116,9 @@ def test_extract_resumes_after_kill(run_dir, tmp_path):
     """Kill extraction once its first part is committed; the rerun finishes the rest with the same rows."""
     out = tmp_path / "killed"
     args = [sys.executable, str(ROOT / "jobs" / "extract.py"), f"output={out}", f"data.root={run_dir / 'data'}", *SMALL]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 240
         while not parquet_files(out / "features") and time.time() < deadline and proc.poll() is None:
@@ -125,11 +129,15 @@ def test_extract_resumes_after_kill(run_dir, tmp_path):
     first = {p.name: p.stat().st_mtime_ns for p in parquet_files(out / "features")}
     assert first and not (out / "features" / "_SUCCESS.json").exists(), "the kill came too late to test a resume"
     # a second attempt had batched one of those images on its own: the commit keeps the image once
-    part = next(t for t in (read_table([str(out / "features" / n)]) for n in sorted(first))
-                if len(set(t.column("image_id").to_pylist())) > 1)
+    part = next(
+        t
+        for t in (read_table([str(out / "features" / n)]) for n in sorted(first))
+        if len(set(t.column("image_id").to_pylist())) > 1
+    )
     one = part.column("image_id")[0].as_py()
-    twice = write_part(StageOutput(str(out / "features")), part.filter(pc.equal(part.column("image_id"), one)), [one],
-                       [])
+    twice = write_part(
+        StageOutput(str(out / "features")), part.filter(pc.equal(part.column("image_id"), one)), [one], []
+    )
     job("extract", f"output={out}", f"data.root={run_dir / 'data'}", *SMALL)
     assert (out / "features" / "_SUCCESS.json").exists()
     assert {n: (out / "features" / n).stat().st_mtime_ns for n in first} == first  # committed parts not redone
@@ -151,10 +159,18 @@ def test_bootstrap_ddp_two_workers_survives_a_worker_failure(run_dir, tmp_path):
     """2 DDP workers (gloo); one crashes once at epoch 1 and the group restarts from the epoch-0 checkpoint."""
     out = copy_bank(run_dir, tmp_path / "ddp")
     marker = tmp_path / "failed-once"
-    job("bootstrap", f"output={out}", f"data.root={out / 'data'}", *SMALL, "train.num_workers=2",
-        "train.cpus_per_worker=0.5", env={"TRANSFGU_FAIL_ONCE_AT_EPOCH": f"1:{marker}"})
+    job(
+        "bootstrap",
+        f"output={out}",
+        f"data.root={out / 'data'}",
+        *SMALL,
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        env={"TRANSFGU_FAIL_ONCE_AT_EPOCH": f"1:{marker}"},
+    )
     assert marker.exists()
     import json
+
     manifest = json.loads((out / "bootstrap" / "_SUCCESS.json").read_text())
     assert manifest["workers"] == 2 and manifest["metrics"]["resumed_at"] == 1
     for name in ("round-0.pt", "round-1.pt"):
@@ -170,8 +186,13 @@ def test_bootstrap_resumed_after_a_worker_failure_equals_the_uninterrupted_run(r
 
     out = copy_bank(run_dir, tmp_path / "resumed")
     marker = tmp_path / "failed-once"
-    job("bootstrap", f"output={out}", f"data.root={out / 'data'}", *SMALL,
-        env={"TRANSFGU_FAIL_ONCE_AT_EPOCH": f"1:{marker}"})
+    job(
+        "bootstrap",
+        f"output={out}",
+        f"data.root={out / 'data'}",
+        *SMALL,
+        env={"TRANSFGU_FAIL_ONCE_AT_EPOCH": f"1:{marker}"},
+    )
     assert marker.exists()
     resumed, clean = (json.loads((d / "bootstrap" / "_SUCCESS.json").read_text()) for d in (out, run_dir))
     assert resumed["metrics"]["resumed_at"] == 1 and clean["metrics"]["resumed_at"] == 0
@@ -190,8 +211,13 @@ def test_bootstrap_resumed_after_a_worker_failure_equals_the_uninterrupted_run(r
 
 def refused(stage: str, *args: str) -> str:
     """Run a job that must be refused before Ray starts: exit status 2 and one line on the console."""
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{stage}.py"), *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / f"{stage}.py"), *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     return errors[0]
@@ -218,8 +244,12 @@ def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_
 
     out = copy_bank(run_dir, tmp_path / "killed")
     args = [sys.executable, str(ROOT / "jobs" / "bootstrap.py"), f"output={out}", *SMALL]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        for _ in range(2)
+    ]
     snapshot = out / "ray_train" / "bootstrap" / "checkpoint_manager_snapshot.json"
 
     def registered() -> list[str]:
@@ -227,6 +257,7 @@ def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_
             return [c["checkpoint_dir_name"] for c in json.loads(snapshot.read_text())["checkpoint_results"]]
         except (OSError, ValueError, KeyError):
             return []
+
     try:
         deadline = time.time() + 300
         while not registered() and time.time() < deadline and any(p.poll() is None for p in procs):
@@ -254,8 +285,10 @@ def test_two_drivers_then_a_driver_kill_resume_equals_the_uninterrupted_run(run_
     assert (resumed["best_epoch"], resumed["best_miou"]) == (clean["best_epoch"], clean["best_miou"])
     for name in ("final.pt", "best.pt"):
         assert (out / "bootstrap" / name).read_bytes() == (run_dir / "bootstrap" / name).read_bytes(), name
-    print(f"killed after {len(before)} registered checkpoint(s); val mIoU resumed {resumed['metrics']['val/miou']} "
-          f"uninterrupted {clean['metrics']['val/miou']}")
+    print(
+        f"killed after {len(before)} registered checkpoint(s); val mIoU resumed {resumed['metrics']['val/miou']} "
+        f"uninterrupted {clean['metrics']['val/miou']}"
+    )
 
 
 def stop_cluster(temp_dir: str) -> None:
@@ -275,20 +308,59 @@ def test_ray_job_submit_paper_profile_end_to_end(run_dir, tmp_path):
     ray_bin = os.path.join(bin_dir, "ray")
     port, dash = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",  # Ray >= 2.5x: token auth by default
-           "PATH": f"{bin_dir}:{os.environ['PATH']}",  # the job's `python` is this environment's
-           "RAY_idle_worker_killing_time_threshold_ms": "60000"}  # as init_ray's local Ray (stages.common)
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-                    f"--dashboard-agent-listen-port={free_port()}",
-                    f"--temp-dir={temp_dir}"], check=True, capture_output=True, env=env, timeout=180)
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "",
+        "RAY_AUTH_MODE": "token",  # Ray >= 2.5x: token auth by default
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",  # the job's `python` is this environment's
+        "RAY_idle_worker_killing_time_threshold_ms": "60000",
+    }  # as init_ray's local Ray (stages.common)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={temp_dir}",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=180,
+    )
     try:
         for _ in range(30):  # the job agent comes up a little after the head
-            proc = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
-                                   ".", "--runtime-env", "cluster/runtime_env.yaml", "--", "python",
-                                   "jobs/run_all.py", "--profile", "paper", f"output={out}",
-                                   f"data.root={run_dir / 'data'}", *SMALL],
-                                  cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+            proc = subprocess.run(
+                [
+                    ray_bin,
+                    "job",
+                    "submit",
+                    f"--address=http://127.0.0.1:{dash}",
+                    "--working-dir",
+                    ".",
+                    "--runtime-env",
+                    "cluster/runtime_env.yaml",
+                    "--",
+                    "python",
+                    "jobs/run_all.py",
+                    "--profile",
+                    "paper",
+                    f"output={out}",
+                    f"data.root={run_dir / 'data'}",
+                    *SMALL,
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+            )
             if "No available agent" not in proc.stdout + proc.stderr:
                 break
             time.sleep(5)

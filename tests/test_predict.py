@@ -1,4 +1,5 @@
 """Applying a trained segmenter: the predict stage on odd images (local and S3), the Python API, the export."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,19 +11,19 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import ROOT, boto3_s3
 from PIL import Image
 
-from conftest import ROOT, boto3_s3
-from transfgu_dist import storage
-from transfgu_dist import tracking
-from transfgu_dist.cli import parse_args, prepare, run_export_job
-from transfgu_dist.datasets import list_samples
-from transfgu_dist.export import SegmenterNet, export
-from transfgu_dist.images import decode_image
-from transfgu_dist.segmenter import CheckpointError, Segmenter, SlidingWindow, predict
-from transfgu_dist.stages.common import images_to_device, load_images
-from transfgu_dist.stages.evaluate import run_evaluate
-from transfgu_dist.stages.predict import read_probs, run_predict
+from transfgu_dist.inference.export import SegmenterNet, export
+from transfgu_dist.inference.predict import read_probs, run_predict
+from transfgu_dist.inference.segmenter import CheckpointError, Segmenter, SlidingWindow, predict
+from transfgu_dist.io import storage
+from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.image_pool import images_to_device, load_images
+from transfgu_dist.io.images import decode_image
+from transfgu_dist.pipeline import tracking
+from transfgu_dist.pipeline.cli import parse_args, prepare, run_export_job
+from transfgu_dist.pipeline.stages.evaluate import run_evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -106,8 +107,18 @@ def test_export_reloads_with_identical_labels(trained, e2e_run, tmp_path):
 def test_predict_job_wrong_checkpoint_fails_in_one_line(e2e_run, tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({"decoder": {}}, wrong)
-    proc = subprocess.run([sys.executable, f"{ROOT}/jobs/predict.py", f"run={e2e_run}", f"checkpoint={wrong}",
-                           f"input={tmp_path}", f"output={tmp_path / 'out'}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            f"{ROOT}/jobs/predict.py",
+            f"run={e2e_run}",
+            f"checkpoint={wrong}",
+            f"input={tmp_path}",
+            f"output={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(f"{wrong}: expected a bootstrap")
 
 

@@ -1,4 +1,5 @@
 """First contact: each wrong invocation is one line on stderr and exit 2, before Ray or MLflow start."""
+
 import json
 import os
 import subprocess
@@ -12,9 +13,9 @@ SCRIPT = r"""
 import contextlib, io, json, sys, time
 import numpy as np
 from PIL import Image
-from transfgu_dist import cli
+from transfgu_dist.pipeline import cli
 from transfgu_dist.config import load_config
-from transfgu_dist.datasets import ensure_synthetic
+from transfgu_dist.io.datasets import ensure_synthetic
 
 out, small = sys.argv[1], json.loads(sys.argv[2])
 data = f"{out}/data"
@@ -60,9 +61,14 @@ def test_each_mistake_is_one_line_exit_2_before_ray_and_mlflow(tmp_path):
     out = str(tmp_path)
     small = SMALL
     cases = [c.split() for c in CASES]
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, out, json.dumps(small), json.dumps(cases)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, out, json.dumps(small), json.dumps(cases)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["loaded"] == []  # neither Ray nor MLflow was ever imported

@@ -1,10 +1,11 @@
 """The `paper` / `reference` switch changes exactly the documented pieces; reference-only rules by hand."""
+
 import math
 
 import pytest
 
 from transfgu_dist.config import PROFILES, load_config, to_dict
-from transfgu_dist.stages.bootstrap import alpha_at
+from transfgu_dist.method.bootstrapping import alpha_at
 
 
 def flat(cfg):

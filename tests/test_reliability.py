@@ -1,15 +1,15 @@
 """Damaged outputs and inputs: named in one line, never trained on (issue 16)."""
-from __future__ import annotations
 
-import io
+from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from transfgu_dist.config import load_config
-from transfgu_dist.stages.bootstrap import bank_rows
-from transfgu_dist.stages.cluster import load_concepts
+from transfgu_dist.io.concepts_file import load_concepts
+from transfgu_dist.pipeline import contract
+from transfgu_dist.pipeline.stages.bootstrap import bank_rows
 
 
 def test_garbage_concepts_npz_names_the_file(tmp_path):
@@ -22,7 +22,7 @@ def test_garbage_concepts_npz_names_the_file(tmp_path):
         else:
             path.write_bytes(garbage)
         with pytest.raises(ValueError, match=rf"{path}: expected the cluster stage's \.npz") as e:
-            load_concepts(cfg)
+            load_concepts(contract.output(cfg, "cluster"))
         assert "\n" not in str(e.value)
 
 
@@ -34,11 +34,15 @@ def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
     K, h, w = 3, 2, 2
     terms = [np.full(K * h * w, i, np.float16) for i in range(3)]
     shared = [np.full(h * w, i, np.float32) for i in range(3)]
-    batch = {"image_id": np.array(["good", "garbled", "deleted"]),
-             "uri": np.array([str(good), str(tmp_path / "garbled.png"), str(tmp_path / "deleted.png")]),
-             "grid": np.array([[h, w]] * 3), "terms": np.array(terms + [None], dtype=object)[:3],
-             "shared": np.array(shared + [None], dtype=object)[:3], "scale": np.ones(3, np.float32),
-             "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3]}
+    batch = {
+        "image_id": np.array(["good", "garbled", "deleted"]),
+        "uri": np.array([str(good), str(tmp_path / "garbled.png"), str(tmp_path / "deleted.png")]),
+        "grid": np.array([[h, w]] * 3),
+        "terms": np.array(terms + [None], dtype=object)[:3],
+        "shared": np.array(shared + [None], dtype=object)[:3],
+        "scale": np.ones(3, np.float32),
+        "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3],
+    }
     cfg = load_config(overrides=["train.image_size=[16, 16]"])
     rows = bank_rows(batch, cfg)
     assert rows["image"].shape == (1, 16, 16, 3) and rows["image"].min() == 200
@@ -47,15 +51,22 @@ def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
     assert rows["fg_prior"].shape == (1, h, w)
     assert "dropped 2 unreadable images of 3" in caplog.text and "garbled, deleted" in caplog.text
     none = bank_rows({k: v[1:] for k, v in batch.items()}, cfg)
-    assert none["image"].shape == (0, 16, 16, 3) and none["terms"].shape == (0, K, h, w) and none["fg_prior"].shape == (0, h, w)
+    assert (
+        none["image"].shape == (0, 16, 16, 3)
+        and none["terms"].shape == (0, K, h, w)
+        and none["fg_prior"].shape == (0, h, w)
+    )
 
 
 def test_garbage_config_yaml_names_the_file(tmp_path):
-    from transfgu_dist.cli import check_output
     from transfgu_dist.config import ConfigError
+    from transfgu_dist.pipeline.cli import check_output
 
     cfg = load_config(overrides=[f"output={tmp_path}"])
-    for garbage, expected in ((b"\x00\xff: [unclosed", "expected the YAML settings"), (b"just text", "expected a mapping")):
+    for garbage, expected in (
+        (b"\x00\xff: [unclosed", "expected the YAML settings"),
+        (b"just text", "expected a mapping"),
+    ):
         (tmp_path / "config.yaml").write_bytes(garbage)
         with pytest.raises(ConfigError, match=f"{tmp_path / 'config.yaml'}: {expected}") as e:
             check_output(cfg, ["extract"])

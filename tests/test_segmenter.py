@@ -1,16 +1,17 @@
 """Segmenter inference options on a tiny random model: sliding windows, CRF in the evaluate forward."""
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transfgu_dist.config import DecoderConfig, EncoderConfig
-from transfgu_dist.crf import CRFConfig
-from transfgu_dist.decoder import MaskTransformer
-from transfgu_dist.encoder import ARCHS, build_encoder
-from transfgu_dist.images import to_float_batch
-from transfgu_dist.segmenter import Segmenter, SlidingWindow, cluster_logits, predict, window_origins
+from transfgu_dist.config import ARCHS, DecoderConfig, EncoderConfig
+from transfgu_dist.inference.segmenter import Segmenter, SlidingWindow, cluster_logits, predict, window_origins
+from transfgu_dist.io.images import to_float_batch
+from transfgu_dist.io.weights import build_encoder
+from transfgu_dist.method.crf import CRFConfig
+from transfgu_dist.method.decoder import MaskTransformer
 
 K = 5
 
@@ -30,7 +31,7 @@ def test_window_origins_cover_the_image_and_end_at_its_edges():
     assert origins == [(0, 0), (0, 16), (0, 22), (8, 0), (8, 16), (8, 22)]  # ys 0, 8 (edge); xs 0, 16, 22 (edge)
     covered = np.zeros((40, 70), int)
     for y, x in origins:
-        covered[y:y + 32, x:x + 48] += 1
+        covered[y : y + 32, x : x + 48] += 1
     assert covered.min() == 1 and covered[20, 20] == 4 and covered[0, 69] == 1
     assert window_origins((32, 48), (32, 48), 7) == [(0, 0)]
 
@@ -50,11 +51,17 @@ def test_sliding_averages_overlapping_windows_at_the_image_resolution():
     scores = seg.scores(im)
     assert scores.shape == (K, 40, 70) and torch.isfinite(scores).all()
     x = to_float_batch(im, (40, 70))[0]
-    win = {o: F.interpolate(cluster_logits(seg.encoder, seg.decoder, x[None, :, o[0]:o[0] + 32, o[1]:o[1] + 48]),
-                            size=(32, 48), mode="bilinear", align_corners=False)[0]
-           for o in window_origins((40, 70), (32, 48), 16)}
-    torch.testing.assert_close(scores[:, 0, 0], win[(0, 0)][:, 0, 0])                       # one window
-    torch.testing.assert_close(scores[:, 39, 69], win[(8, 22)][:, 31, 47])                  # one window
+    win = {
+        o: F.interpolate(
+            cluster_logits(seg.encoder, seg.decoder, x[None, :, o[0] : o[0] + 32, o[1] : o[1] + 48]),
+            size=(32, 48),
+            mode="bilinear",
+            align_corners=False,
+        )[0]
+        for o in window_origins((40, 70), (32, 48), 16)
+    }
+    torch.testing.assert_close(scores[:, 0, 0], win[(0, 0)][:, 0, 0])  # one window
+    torch.testing.assert_close(scores[:, 39, 69], win[(8, 22)][:, 31, 47])  # one window
     torch.testing.assert_close(scores[:, 4, 20], (win[(0, 0)][:, 4, 20] + win[(0, 16)][:, 4, 4]) / 2)  # two
     small = seg.segment(image(20, 30, 2))[0]  # shorter than the window: upscaled, labels at its own size
     assert small.shape == (20, 30) and small.max() < K

@@ -1,5 +1,6 @@
 """The settings guard (issue 16): outputs made with other settings are refused in one line naming the keys, found
 from the manifests, parts and Ray Train checkpoints themselves (no config.yaml needed), under `source=` too."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,20 @@ import json
 import pyarrow as pa
 import pytest
 
-from transfgu_dist import contract, parts, settings_guard
-from transfgu_dist.cli import check_output
 from transfgu_dist.config import ConfigError, load_config
+from transfgu_dist.io import parts
+from transfgu_dist.pipeline import contract, settings_guard
+from transfgu_dist.pipeline.cli import check_output
 
 STAGES = list(contract.STAGES)
 # one setting of each stage's own inputs, changed
-CHANGED = {"extract": "crops.fg_min=0.6", "cluster": "cluster.k_fg=5", "pseudo_label": "pseudo.similarity=dot",
-           "bootstrap": "train.lr=0.5", "evaluate": "eval.n_overlays=3"}
+CHANGED = {
+    "extract": "crops.fg_min=0.6",
+    "cluster": "cluster.k_fg=5",
+    "pseudo_label": "pseudo.similarity=dot",
+    "bootstrap": "train.lr=0.5",
+    "evaluate": "eval.n_overlays=3",
+}
 
 
 def commit(cfg, *names):
@@ -35,10 +42,10 @@ def test_one_changed_setting_per_stage_is_refused_by_it_and_every_stage_downstre
     commit(load_config(overrides=base), *STAGES)
     cfg = load_config(overrides=[*base, CHANGED[stage]])
     key = CHANGED[stage].split("=")[0]
-    for job in STAGES[STAGES.index(stage):]:
+    for job in STAGES[STAGES.index(stage) :]:
         message = refused(cfg, [job], key)
         assert message.startswith(contract.folder_uri(cfg, stage))  # the first stage made with the old value
-    for job in STAGES[:STAGES.index(stage)]:
+    for job in STAGES[: STAGES.index(stage)]:
         settings_guard.check(cfg, [job])  # stages upstream of the change do not depend on it
     # what only changes speed (or the evaluated checkpoint's folder) is not refused
     settings_guard.check(load_config(overrides=[*base, "crops.batch_size=7", "train.num_workers=3"]), STAGES)
@@ -50,8 +57,11 @@ def test_refused_with_config_yaml_deleted(tmp_path):
     commit(cfg, "extract", "cluster")
     check_output(cfg, STAGES)
     (tmp_path / "config.yaml").unlink()
-    with pytest.raises(ConfigError, match=r"concepts: committed results made with other settings "
-                                          r"\(cluster\.k_fg: 4 -> 5\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"concepts: committed results made with other settings "
+        r"\(cluster\.k_fg: 4 -> 5\)",
+    ):
         check_output(load_config(overrides=[f"output={tmp_path}", "cluster.k_fg=5"]), STAGES)
     assert not (tmp_path / "config.yaml").exists()  # nothing recorded by a refused job
 
@@ -73,8 +83,9 @@ def test_uncommitted_parts_made_with_other_settings_are_refused(tmp_path):
     cfg = load_config(overrides=base)
     commit(cfg, "extract", "cluster")
     out = contract.output(cfg, "pseudo_label")
-    name = parts.write_part(out, pa.table({"image_id": ["a"]}, metadata=settings_guard.part_metadata(cfg, "pseudo_label")),
-                            ["a"], [])
+    name = parts.write_part(
+        out, pa.table({"image_id": ["a"]}, metadata=settings_guard.part_metadata(cfg, "pseudo_label")), ["a"], []
+    )
     settings_guard.check(cfg, ["pseudo_label"])
     message = refused(load_config(overrides=[*base, "pseudo.similarity=dot"]), ["pseudo_label"], "pseudo.similarity")
     assert f"a part ({name})" in message
@@ -91,13 +102,20 @@ def test_ray_train_checkpoints_made_with_other_settings_are_refused(tmp_path):
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_killed"):
         (d / name).mkdir(parents=True)
         (d / name / "state.pt").write_bytes(b"x")
-    (d / settings_guard.TRAIN_SNAPSHOT).write_text(json.dumps(
-        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}))
+    (d / settings_guard.TRAIN_SNAPSHOT).write_text(
+        json.dumps(
+            {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}
+        )
+    )
     with pytest.raises(ConfigError, match=r"bootstrap: Ray Train checkpoints made with other settings"):
         settings_guard.check(cfg, ["bootstrap"])  # no record: not known to be this config's
     settings_guard.prepare_train_dir(cfg)  # the unregistered folder of a killed attempt goes; the record is written
-    assert sorted(p.name for p in d.iterdir()) == ["checkpoint_a", "checkpoint_b", settings_guard.TRAIN_SNAPSHOT,
-                                                   settings_guard.TRAIN_RECORD]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "checkpoint_a",
+        "checkpoint_b",
+        settings_guard.TRAIN_SNAPSHOT,
+        settings_guard.TRAIN_RECORD,
+    ]
     settings_guard.check(cfg, ["bootstrap"])
     refused(load_config(overrides=[*base, "decoder.n_layers=3"]), ["bootstrap"], "decoder.n_layers")
     settings_guard.check(load_config(overrides=[*base, "eval.n_overlays=5"]), ["bootstrap"])  # evaluate's only

@@ -1,4 +1,4 @@
-"""transfgu_dist.storage on local disk, file:// URIs and a real (moto) S3 server on 127.0.0.1."""
+"""transfgu_dist.io.storage on local disk, file:// URIs and a real (moto) S3 server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import urllib.request
 import pyarrow.fs as pafs
 import pytest
 
-from transfgu_dist import s3, storage
-from transfgu_dist.storage import StageOutput, StorageError
-
+from transfgu_dist.io import s3, storage
+from transfgu_dist.io.storage import StageOutput, StorageError
 
 TEST_REGION = "us-east-1"
 
@@ -47,8 +46,7 @@ def test_round_trip(root):
     assert storage.read_bytes(a) == b"overwritten"
 
     assert storage.list_files(root) == sorted([a, nested, storage.join(root, "meta.json")])
-    assert storage.list_files(root, suffixes=(".npy", ".json")) == [
-        storage.join(root, "meta.json"), nested]
+    assert storage.list_files(root, suffixes=(".npy", ".json")) == [storage.join(root, "meta.json"), nested]
     assert storage.list_files(storage.join(root, "missing-dir")) == []
 
     storage.delete(a)
@@ -110,7 +108,7 @@ def test_s3_filesystem_cached_and_path(s3_bucket):
     fs1, p1 = storage.filesystem(s3_bucket + "/a/b")
     fs2, p2 = storage.filesystem(s3_bucket + "/c")
     assert isinstance(fs1, pafs.S3FileSystem) and fs1 is fs2
-    assert p1 == s3_bucket[len("s3://"):] + "/a/b"
+    assert p1 == s3_bucket[len("s3://") :] + "/a/b"
 
 
 def test_s3_options_defaults_from_env(monkeypatch):
@@ -154,9 +152,8 @@ def test_stage_output_commit_protocol(root):
     assert m["num_images"] == 3 and m["model"] == "dino_vits8" and "committed_at" in m
     assert storage.read_bytes(out.part_uri("part-00002.npy")) == b"c"
     # _tmp is gone, the marker is not a part
-    names = [u[len(out.uri) + 1:] for u in storage.list_files(out.uri)]
-    assert names == ["_SUCCESS.json", "part-00000.npy", "part-00002.npy",
-                     "shards/part-00001.npy"]
+    names = [u[len(out.uri) + 1 :] for u in storage.list_files(out.uri)]
+    assert names == ["_SUCCESS.json", "part-00000.npy", "part-00002.npy", "shards/part-00001.npy"]
     assert out.done_parts() == set(m["parts"])
 
 
@@ -174,9 +171,13 @@ def test_stage_output_rejects_reserved_names(tmp_path):
 
 def test_missing_bucket(s3_bucket):
     uri = "s3://no-such-bucket-transfgu/x/part.npy"
-    for call in (storage.read_bytes, storage.exists, storage.list_files,
-                 lambda u: storage.write_bytes(u, b"x"),
-                 lambda u: StageOutput(u).done_parts()):
+    for call in (
+        storage.read_bytes,
+        storage.exists,
+        storage.list_files,
+        lambda u: storage.write_bytes(u, b"x"),
+        lambda u: StageOutput(u).done_parts(),
+    ):
         with pytest.raises(StorageError) as ei:
             call(uri)
         msg = str(ei.value)
@@ -231,8 +232,12 @@ def auth_s3_server(s3_server, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
     log = open(tmp_path_factory.mktemp("moto-auth") / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                             "-p", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -273,7 +278,7 @@ def test_wrong_credentials(auth_s3_server, monkeypatch):
 def test_ray_storage(s3_bucket, tmp_path):
     path, fs = storage.ray_storage(s3_bucket + "/ray_results")
     assert isinstance(fs, pafs.S3FileSystem)
-    assert path == s3_bucket[len("s3://"):] + "/ray_results"
+    assert path == s3_bucket[len("s3://") :] + "/ray_results"
     with fs.open_output_stream(path + "/probe.txt") as f:  # the filesystem Ray would use works
         f.write(b"ok")
     assert storage.read_bytes(s3_bucket + "/ray_results/probe.txt") == b"ok"
@@ -289,7 +294,7 @@ import ray
 from ray import train
 from ray.train import Checkpoint, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from transfgu_dist import storage
+from transfgu_dist.io import storage
 
 def loop(cfg):
     with tempfile.TemporaryDirectory() as d:
@@ -316,15 +321,20 @@ def test_ray_train_checkpoint_to_s3(s3_bucket, s3_server, tmp_path):
     env = dict(os.environ, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="180")
     env.pop("RAY_ADDRESS", None)
     for attempt in range(2):
-        proc = subprocess.run([sys.executable, "-c", _RAY_TRAIN_SCRIPT, s3_bucket + "/ray_results"],
-                              env=env, capture_output=True, text=True, timeout=300,
-                              cwd=str(tmp_path))
+        proc = subprocess.run(
+            [sys.executable, "-c", _RAY_TRAIN_SCRIPT, s3_bucket + "/ray_results"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=str(tmp_path),
+        )
         # Ray gives a starting raylet a fixed 30 s; on a loaded 2-core machine that can pass.
         if proc.returncode == 0 or "timed out during startup" not in proc.stderr:
             break
     assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"]
-    assert ckpt.startswith(s3_bucket[len("s3://"):] + "/ray_results/probe/checkpoint_")
+    assert ckpt.startswith(s3_bucket[len("s3://") :] + "/ray_results/probe/checkpoint_")
     assert storage.read_bytes(f"s3://{ckpt}/state.txt") == b"epoch-0"
 
 
@@ -335,8 +345,9 @@ def test_error_for_boto3_errors(s3_bucket):
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     uri = "s3://nobucket/data"
-    missing = ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}},
-                          "ListObjectsV2")
+    missing = ClientError(
+        {"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}}, "ListObjectsV2"
+    )
     assert str(storage.error_for(uri, missing, "list it")).startswith(f"{uri}: bucket 'nobucket' does not exist")
     denied = ClientError({"Error": {"Code": "InvalidAccessKeyId", "Message": "no such key id"}}, "PutObject")
     msg = str(storage.error_for(uri, denied, "upload x"))

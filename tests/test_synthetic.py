@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from transfgu_dist.synthetic import CLASS_NAMES, N_STUFF, N_THING, SCENES_PER_SEED, make_scene, write_dataset
+from transfgu_dist.io.synthetic import CLASS_NAMES, N_STUFF, N_THING, SCENES_PER_SEED, make_scene, write_dataset
 
 
 def test_class_lists():

@@ -1,12 +1,13 @@
 """Where MLflow keeps a run's artifacts, against a real SQLite tracking store."""
+
 from __future__ import annotations
 
 import logging
 
 import mlflow
 
-from transfgu_dist import tracking
 from transfgu_dist.config import load_config
+from transfgu_dist.pipeline import tracking
 
 
 def test_artifact_root_follows_the_output(tmp_path):
@@ -28,7 +29,7 @@ def test_existing_experiment_elsewhere_is_reported(tmp_path, caplog):
     first = tracking.use_experiment(local)
     assert mlflow.get_experiment(first).artifact_location == (tmp_path / "mlartifacts").as_uri()
     on_s3 = load_config(overrides=["output=s3://bucket/run", f"mlflow_uri={uri}"])
-    with caplog.at_level(logging.WARNING, logger="transfgu_dist.tracking"):
+    with caplog.at_level(logging.WARNING, logger="transfgu_dist.pipeline.tracking"):
         assert tracking.use_experiment(on_s3) == first
     assert "keeps its artifacts at" in caplog.text and "s3://bucket/run/mlflow-artifacts" in caplog.text
 
@@ -40,8 +41,10 @@ def test_runs_left_running_by_a_killed_driver_are_marked_killed(tmp_path):
     cfg = load_config(overrides=[f"output={tmp_path / 'run'}", f"mlflow_uri={uri}"])
     client = mlflow.tracking.MlflowClient(uri)
     exp = tracking.use_experiment(cfg)
-    ids = {name: client.create_run(exp, tags={tracking.OUTPUT_TAG: str(tmp_path / out)}).info.run_id
-           for name, out in (("killed", "run"), ("finished", "run"), ("elsewhere", "other"))}
+    ids = {
+        name: client.create_run(exp, tags={tracking.OUTPUT_TAG: str(tmp_path / out)}).info.run_id
+        for name, out in (("killed", "run"), ("finished", "run"), ("elsewhere", "other"))
+    }
     client.set_terminated(ids["finished"])
     with tracking.run(cfg, "tagged") as active:  # the fluent runs carry the tag
         assert client.get_run(active.info.run_id).data.tags[tracking.OUTPUT_TAG] == cfg.output

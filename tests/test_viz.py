@@ -3,7 +3,14 @@ import io
 import numpy as np
 from PIL import Image
 
-from transfgu_dist.viz import UNMATCHED_RGB, colourise, confusion_matrix_png, overlay_panel, palette, per_class_iou_png
+from transfgu_dist.inference.viz import (
+    UNMATCHED_RGB,
+    colourise,
+    confusion_matrix_png,
+    overlay_panel,
+    palette,
+    per_class_iou_png,
+)
 
 NAMES = ["sky", "grass", "disk"]
 
@@ -26,7 +33,7 @@ def test_palette_distinct_and_deterministic():
 def test_colourise_ignore_black_unmatched_grey():
     image = np.full((2, 2, 3), 100, np.uint8)
     out = colourise(image, np.array([[0, 255], [-1, 254]]), n_classes=3)
-    np.testing.assert_array_equal(out[0, 1], [0, 0, 0])                                      # ignored
+    np.testing.assert_array_equal(out[0, 1], [0, 0, 0])  # ignored
     np.testing.assert_array_equal(out[1, 0], np.round(0.35 * 100 + 0.65 * np.array(UNMATCHED_RGB)))  # unmatched
     np.testing.assert_array_equal(out[1, 0], out[1, 1])
     np.testing.assert_array_equal(out[0, 0], np.round(0.35 * 100 + 0.65 * palette(3)[0].astype(float)))

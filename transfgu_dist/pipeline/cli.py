@@ -1,0 +1,365 @@
+"""Command line shared by the jobs: config loading, Ray start-up, and running stages in order with resume."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from transfgu_dist.config import PRESETS, Config, ConfigError, load_config, to_dict
+from transfgu_dist.io import storage
+from transfgu_dist.pipeline import contract, lease
+from transfgu_dist.pipeline.contract import STAGES, StageResult
+
+log = logging.getLogger("transfgu_dist")
+
+
+def _stage(name: str) -> Callable[..., StageResult]:
+    """The stage's run function (imported lazily: `--help` stays fast)."""
+    from transfgu_dist.pipeline.stages import bootstrap, cluster, evaluate, extract, pseudo_label
+
+    return {
+        "extract": extract.run_extract,
+        "cluster": cluster.run_cluster,
+        "pseudo_label": pseudo_label.run_pseudo_label,
+        "bootstrap": bootstrap.run_bootstrap,
+        "evaluate": evaluate.run_evaluate,
+    }[name]
+
+
+def help_epilog() -> str:
+    """Presets, every config section with its keys and defaults (from the dataclasses), and working examples."""
+    lines = [
+        f"presets: {', '.join(PRESETS)} (default synthetic)",
+        "",
+        "config keys (section.key=value on the command line, or sections in a --config YAML file; "
+        "defaults before the preset):",
+    ]
+    top = Config()
+    lines.append(
+        "  "
+        + " ".join(
+            f"{f.name}={getattr(top, f.name)!r}"
+            for f in dataclasses.fields(top)
+            if not dataclasses.is_dataclass(getattr(top, f.name))
+        )
+    )
+    for f in dataclasses.fields(top):
+        section = getattr(top, f.name)
+        if dataclasses.is_dataclass(section):
+            keys = " ".join(
+                f"{k.name}={getattr(section, k.name)!r}".replace("'", "").replace("(", "[").replace(")", "]")
+                for k in dataclasses.fields(section)
+            )
+            lines.append(f"  {f.name}: {keys}")
+    lines += [
+        "",
+        "examples:",
+        "  python jobs/run_all.py                                  # the synthetic demo",
+        '  python jobs/run_all.py train.lr=2e-4 train.round_epochs="[1, 1]" output=outputs/try',
+        "  python jobs/run_all.py --preset cocostuff27 data.root=/data/coco output=/runs/coco27",
+        "  python jobs/run_all.py --preset voc encoder.weights=/w/dino_deitsmall8_pretrain.pth "
+        "data.root=s3://bucket/voc output=s3://bucket/runs/voc",
+        "",
+        "A mistake (key, value, path, label file) is one line on stderr and exit status 2 "
+        "before Ray or MLflow start; --debug shows the traceback.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog()
+    )
+    parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config.py)")
+    parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
+    parser.add_argument("--profile", choices=("reference", "paper"), help="reference (default) or paper")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration error")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars on the console")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    return parser.parse_intermixed_args(argv)
+
+
+def prepare(args: argparse.Namespace) -> Config:
+    """Load the config and make local paths absolute (Ray workers run elsewhere)."""
+    cfg = load_config(args.config, args.overrides, preset=args.preset, profile=args.profile)
+    if "://" not in cfg.output:
+        cfg.output = os.path.abspath(cfg.output)
+    if cfg.data.root and "://" not in cfg.data.root:
+        cfg.data.root = os.path.abspath(cfg.data.root)
+    return cfg
+
+
+def preflight(args: argparse.Namespace, stages: Sequence[str]) -> tuple[Config, str]:
+    """Config, paths, data, labels and weights checked before Ray or MLflow start; a mistake exits 2 with one line
+    on stderr. Returns the config and what the weights are: `dino`, `random` or `random-fallback`."""
+    try:
+        cfg = prepare(args)
+        from transfgu_dist.io.datasets import DatasetLayoutError
+        from transfgu_dist.io.images import BadImageError
+        from transfgu_dist.io.label_maps import LabelMapError
+        from transfgu_dist.io.weights import EncoderLoadError, resolve_encoder
+        from transfgu_dist.pipeline import preflight as checks
+
+        try:
+            checks.check(cfg, list(stages))
+            wanted = cfg.encoder.weights
+            cfg.encoder = resolve_encoder(cfg.encoder)
+            lease.hold(cfg.output)  # one driver per output; the second is refused in one line
+            check_output(cfg, stages)
+        except (DatasetLayoutError, EncoderLoadError, BadImageError, LabelMapError, storage.StorageError) as e:
+            raise ConfigError(str(e)) from e
+    except ConfigError as e:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        raise SystemExit(2) from None
+    weights = "dino" if cfg.encoder.weights != "random" else "random" if wanted == "random" else "random-fallback"
+    return cfg, weights
+
+
+def check_output(cfg: Config, stages: Sequence[str]) -> None:
+    """Refuse to resume into outputs made with other settings (settings_guard: the manifests, parts and Ray Train
+    checkpoints carry them, `config.yaml` is not needed), then record the settings in `config.yaml`."""
+    import yaml
+
+    from transfgu_dist.pipeline import settings_guard
+
+    settings_guard.check(cfg, stages)
+    uri = storage.join(cfg.output, "config.yaml")
+    new = to_dict(cfg)
+    if storage.exists(uri):
+        try:
+            old = yaml.safe_load(storage.read_bytes(uri))
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"{uri}: expected the YAML settings this output was made with, could not parse it "
+                f"({str(e).splitlines()[0]}); restore or delete it"
+            ) from None
+        if not isinstance(old, dict):
+            raise ConfigError(f"{uri}: expected a mapping of config sections, got {type(old).__name__}")
+        # a job of some stages records only its own settings: other committed stages keep theirs
+        for stage in set(STAGES) - set(stages):
+            if contract.is_committed(cfg, stage):
+                new.update({section: old[section] for section in STAGES[stage].inputs if section in old})
+    storage.write_bytes(uri, yaml.safe_dump(new, sort_keys=False).encode())
+
+
+def log_stage(result: StageResult, seconds: float) -> None:
+    """A stage's figures, tags, manifest and result files (as its contract declares) into the active MLflow run."""
+    import mlflow
+
+    stage = STAGES[result.stage]
+    mlflow.log_metrics({"wall_seconds": seconds, **result.metrics})
+    mlflow.set_tags(result.tags)
+    if stage.log_manifest:
+        mlflow.log_dict(result.manifest, f"{stage.name}_manifest.json")
+    if stage.log_files:
+        from transfgu_dist.pipeline import tracking
+
+        tracking.log_outputs(result.uri, stage.name)
+
+
+def run_summary(results: dict[str, StageResult], timings: dict[str, float]) -> dict[str, float]:
+    """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
+    out = {"wall_seconds": sum(timings.values())}
+    if "evaluate" in results:
+        out.update({k: results["evaluate"].metrics[k] for k in ("miou", "pixel_accuracy")})
+    epoch = results["bootstrap"].manifest.get("metrics") or {} if "bootstrap" in results else {}
+    if "best/val/miou" in epoch and "val/miou" in epoch:
+        out.update(
+            {
+                "best/val/miou": epoch["best/val/miou"],
+                "best/global_epoch": epoch["best/global_epoch"],
+                "last/val/miou": epoch["val/miou"],
+            }
+        )
+    return out
+
+
+def ask_for_token_auth(address: str | None) -> None:
+    """A local Ray started here gets token authentication, as Ray's default gives it, but asked for
+    (RAY_AUTH_MODE=token unless set), so Ray does not warn on the console that it chose it. RAY_AUTH_MODE=disabled
+    opts out as with Ray itself; a cluster joined (address, RAY_ADDRESS) keeps its own mode. Before Ray is imported:
+    Ray reads the variable once."""
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def log_model(cfg: Config, results: dict[str, StageResult]) -> str:
+    """The trained Segmenter (the checkpoint evaluate scored, with its matching; else final.pt) as an MLflow pyfunc
+    model (export.log_mlflow_model) on the active run; returns its model URI."""
+    from transfgu_dist.inference.export import log_mlflow_model
+    from transfgu_dist.inference.segmenter import Segmenter
+
+    scored = results.get("evaluate")
+    final = storage.join(results["bootstrap"].uri, results["bootstrap"].manifest["final"])
+    checkpoint = scored.manifest["metrics"]["checkpoint"] if scored else final
+    metrics = storage.join(scored.uri, "metrics.json") if scored else None
+    return log_mlflow_model(Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics))
+
+
+def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(description, argv)
+    if not args.verbose:
+        logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from ..." (preflight)
+        ask_for_token_auth(args.address)
+    cfg, weights = preflight(args, stages)
+    from transfgu_dist.pipeline import tracking
+    from transfgu_dist.pipeline.console import native_ray_lines_hidden
+    from transfgu_dist.pipeline.ray_setup import init_ray
+
+    init_ray(args.address, verbose=args.verbose)
+    tracking.close_orphans(cfg)
+    results, timings = {}, {}
+    run_name = "+".join(stages) if len(stages) < 5 else "run_all"
+    with native_ray_lines_hidden(not args.verbose), tracking.run(cfg, run_name):
+        import mlflow
+
+        mlflow.set_tag("weights", weights)
+        for name in stages:
+            with tracking.run(cfg, name, nested=True, sections=STAGES[name].inputs) as active:
+                start = time.perf_counter()
+                log.info("stage %s: starting (output %s)", name, cfg.output)
+                kwargs = (
+                    {"mlflow_run": (tracking.tracking_uri(cfg), active.info.run_id)}
+                    if STAGES[name].epoch_metrics
+                    else {}
+                )
+                results[name] = _stage(name)(cfg, **kwargs)
+                timings[name] = round(time.perf_counter() - start, 1)
+                log_stage(results[name], timings[name])
+            log.info("stage %s: done in %.1f s", name, timings[name])
+        summary = run_summary(results, timings)
+        mlflow.log_metrics(summary)
+        model_uri = log_model(cfg, results) if "bootstrap" in results else None
+    print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    if "best/val/miou" in summary:
+        by = "mIoU + pixel accuracy" if cfg.train.best_by == "miou_plus_acc" else "mIoU"
+        print(
+            f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
+            f"{summary['best/global_epoch']:.0f}, best by {by}; the reference protocol reports this epoch: score "
+            f"bootstrap/best.pt with `jobs/evaluate.py eval.checkpoint=best`), "
+            f"last {100 * summary['last/val/miou']:.2f}"
+        )
+    if "evaluate" in results:
+        m, folder = results["evaluate"].manifest["metrics"], results["evaluate"].uri
+        if "table3" in m:
+            from transfgu_dist.pipeline.table3 import table3_line
+
+            print(table3_line(m["table3"]))
+        bad = (
+            f"; {m['n_bad_images']} unreadable, not scored: {storage.join(folder, 'bad_images.txt')}"
+            if m.get("n_bad_images")
+            else ""
+        )
+        print(
+            f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
+            f"({m['n_images']} val images{bad}, {m['checkpoint']})"
+        )
+    print(f"outputs: {cfg.output}" + (f"\nMLflow model: {model_uri}" if model_uri else ""))
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
+    return {"config": cfg, "results": results, "timings": timings}
+
+
+SEGMENTER_KEYS = ("run", "input", "output", "checkpoint", "metrics", "crf", "stride", "probs", "torchscript")
+
+
+def _flag(keys: dict[str, str], name: str) -> bool:
+    return keys.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def segmenter_job(
+    description: str,
+    job: Callable[[Any, Config, dict[str, str], argparse.Namespace], Any],
+    required: Sequence[str],
+    argv: Sequence[str] | None = None,
+) -> Any:
+    """jobs/predict.py and jobs/export.py: load a Segmenter from `run=` (a training output; its config.yaml is the
+    config unless --config is given), `checkpoint=` (default <run>/bootstrap/final.pt) and `metrics=` (default
+    <run>/evaluate/metrics.json when it exists), then `job(seg, cfg, keys, args)`. Other section.key=value
+    arguments override the config; a wrong checkpoint, config or path fails in one line."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(description, argv)
+    keys = dict(o.split("=", 1) for o in args.overrides if o.split("=", 1)[0] in SEGMENTER_KEYS)
+    args.overrides = [o for o in args.overrides if o.split("=", 1)[0] not in SEGMENTER_KEYS]
+    missing = [k for k in required if k not in keys]
+    if missing:
+        sys.exit(f"give {' and '.join(f'{k}=' for k in missing)} (see --help)")
+    from transfgu_dist.inference.segmenter import CheckpointError, Segmenter
+
+    try:
+        with (
+            storage.local_copy(storage.join(keys["run"], "config.yaml"))
+            if "run" in keys and not args.config
+            else contextlib.nullcontext(args.config) as config_path
+        ):
+            args.config = config_path
+            cfg = prepare(args)
+        if "run" in keys:  # a moved or copied run: its own folder, not the output its config.yaml recorded
+            cfg.output = keys["run"] if "://" in keys["run"] else os.path.abspath(keys["run"])
+        run = cfg.output
+        checkpoint = keys.get("checkpoint", storage.join(run, "bootstrap", "final.pt"))
+        metrics = keys.get("metrics", storage.join(run, "evaluate", "metrics.json"))
+        if "metrics" not in keys and not storage.exists(metrics):
+            metrics = None
+        seg = Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics)
+        if _flag(keys, "crf"):
+            from transfgu_dist.method.crf import CRFConfig
+
+            seg.crf = CRFConfig()
+        if "stride" in keys:  # sliding-window inference with windows of the training input size
+            from transfgu_dist.inference.segmenter import SlidingWindow
+
+            if not keys["stride"].isdigit() or int(keys["stride"]) < 1:
+                raise ValueError(
+                    f"stride={keys['stride']}: expected the sliding-window step in pixels, an integer >= 1"
+                )
+            seg.sliding = SlidingWindow(tuple(cfg.train.image_size), int(keys["stride"]))
+        if "output" in keys and "://" not in keys["output"]:
+            keys["output"] = os.path.abspath(keys["output"])
+        return job(seg, cfg, keys, args)
+    except (CheckpointError, ConfigError, storage.StorageError, ValueError) as e:
+        sys.exit(str(e).splitlines()[0])
+
+
+def _predict(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> Any:
+    from transfgu_dist.inference.predict import run_predict
+    from transfgu_dist.pipeline.ray_setup import init_ray
+
+    init_ray(args.address)
+    report = run_predict(seg, keys["input"], keys["output"], batch_size=cfg.eval.batch_size, probs=_flag(keys, "probs"))
+    print(report.summary())
+    return report
+
+
+def run_predict_job(description: str, argv: Sequence[str] | None = None) -> Any:
+    return segmenter_job(description, _predict, ("input", "output"), argv)
+
+
+def _export(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    from transfgu_dist.inference.export import export, export_torchscript, log_mlflow_model
+    from transfgu_dist.pipeline import tracking
+
+    out = {
+        "artifact": export(seg, keys.get("output", storage.join(keys.get("run", cfg.output), "export", "segmenter.pt")))
+    }
+    if _flag(keys, "torchscript"):
+        out["torchscript"] = export_torchscript(seg, out["artifact"].removesuffix(".pt") + ".torchscript.pt")
+    with tracking.run(cfg, "export"):
+        out["mlflow_model"] = log_mlflow_model(seg)
+    print("\n".join(f"{k}: {v}" for k, v in out.items()))
+    return out
+
+
+def run_export_job(description: str, argv: Sequence[str] | None = None) -> dict[str, str]:
+    return segmenter_job(description, _export, (), argv)

@@ -1,0 +1,98 @@
+"""The resumable per-image stage driver shared by extract and pseudo_label: pending images through an encoder actor
+pool into Parquet parts, each image in exactly one part, then the commit."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from transfgu_dist.io import parts, storage
+from transfgu_dist.io.datasets import Sample
+from transfgu_dist.io.image_pool import actor_pool, load_images
+from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.pipeline.console import track
+from transfgu_dist.pipeline.contract import StageResult
+
+log = logging.getLogger(__name__)
+
+
+def list_bad_images(out: StageOutput, bad: list[str], total: int) -> None:
+    """`<out>/bad_images.txt`, one image id a line, and one warning, when some of the `total` images were skipped."""
+    if bad:
+        listed = storage.join(out.uri, "bad_images.txt")
+        storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
+        log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), total, listed)
+
+
+def image_result(stage: str, out: StageOutput, manifest: dict[str, Any], processed: int) -> StageResult:
+    """An image stage's result: images covered by the committed output (`images`), processed by this run (the rest
+    were committed already), and unreadable ones skipped (`bad_images`, listed in the manifest)."""
+    return StageResult(
+        stage,
+        out.uri,
+        manifest,
+        processed,
+        metrics={"images": manifest["images"], "processed": processed, "bad_images": len(manifest["bad_images"])},
+    )
+
+
+def run_image_stage(
+    stage: str,
+    out: StageOutput,
+    samples: list[Sample],
+    size: tuple[int, int],
+    actor: type,
+    actor_kwargs: dict[str, Any],
+    images_per_task: int,
+    images_per_part: int,
+    extra_manifest: dict[str, Any],
+    resize: str = "antialias",
+) -> StageResult:
+    """Map `actor` over the images not yet covered by a committed part of `out` (resized to `size` by `resize`,
+    images.to_float_batch), then commit `out`.
+
+    Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
+    GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
+    writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part
+    covers, and each image is left in exactly one part before the commit (parts.deduplicate). The actor returns
+    one row per part with its number of `images` (unreadable ones included), counted on the `stage`'s progress.
+    """
+    if out.is_committed():
+        return image_result(stage, out, out.manifest(), 0)
+    pending = parts.pending(samples, parts.coverage(out))
+    log.info(
+        "%s: %d images, %d already done, %d to process",
+        out.uri,
+        len(samples),
+        len(samples) - len(pending),
+        len(pending),
+    )
+    if pending:
+        ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
+        ds = ds.map_batches(
+            load_images, fn_kwargs={"size": size, "method": resize}, batch_size=images_per_task, num_cpus=1
+        )
+        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
+        for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
+            pass
+    removed, cover = parts.deduplicate(out)
+    if removed:
+        log.warning(
+            "%s: %d parts overlapped others (images batched twice); removed or rewritten: %s",
+            out.uri,
+            len(removed),
+            ", ".join(removed),
+        )
+    done, bad = parts.covered(cover)
+    missing = parts.pending(samples, cover)
+    if missing:
+        raise RuntimeError(
+            f"{out.uri}: {len(missing)} images were not processed, e.g. {[s.image_id for s in missing[:3]]}"
+        )
+    list_bad_images(out, bad, len(samples))
+    manifest = out.commit(
+        {"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover), **extra_manifest}
+    )
+    return image_result(stage, out, manifest, len(pending))

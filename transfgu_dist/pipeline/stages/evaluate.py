@@ -1,0 +1,127 @@
+"""Evaluation stage: mIoU and pixel accuracy of the bootstrapped decoder on the whole validation split.
+
+Paper sec 4.1: predicted cluster ids are aligned to the ground truth by Hungarian matching over all validation
+images. Reference sec 7.1: images and labels (nearest) are resized to the protocol size and scored there; the
+logits are upsampled bilinearly (align_corners=False) and argmaxed; ONE confusion matrix is accumulated over the
+split and matched once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+from transfgu_dist.config import Config
+from transfgu_dist.inference.segmenter import load_decoder
+from transfgu_dist.inference.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
+from transfgu_dist.io import storage, synthetic
+from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.image_pool import actor_pool
+from transfgu_dist.io.label_maps import IGNORE
+from transfgu_dist.io.label_maps import class_names as table_class_names
+from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.method.metrics import scores_from_confusion
+from transfgu_dist.pipeline import contract, settings_guard
+from transfgu_dist.pipeline.console import track
+from transfgu_dist.pipeline.contract import StageResult
+from transfgu_dist.pipeline.image_stage import list_bad_images
+from transfgu_dist.pipeline.scoring import Predictor, bad_ids, val_dataset
+
+log = logging.getLogger(__name__)
+
+
+def default_checkpoint(cfg: Config) -> str:
+    """`eval.checkpoint`: "" -> bootstrap/final.pt, "best" -> bootstrap/best.pt, else the URI itself."""
+    name = {"": "final.pt", "best": "best.pt"}.get(cfg.eval.checkpoint)
+    return storage.join(cfg.output, "bootstrap", name) if name else cfg.eval.checkpoint
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Ground-truth class names: the synthetic ones, `<data root>/classes.txt` (one a line), the label table's
+    (label_maps), else `class_<i>`."""
+    n = cfg.data.n_classes
+    source = storage.join(cfg.data_root, "classes.txt")
+    if cfg.data.layout == "synthetic":
+        source, names = "synthetic.CLASS_NAMES", list(synthetic.CLASS_NAMES)
+    elif storage.exists(source):
+        names = [line.strip() for line in storage.read_bytes(source).decode().splitlines() if line.strip()]
+    else:
+        return table_class_names(cfg) or [f"class_{i}" for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{source}: {len(names)} class names, but data.n_classes = {n}")
+    return names
+
+
+def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) -> StageResult:
+    """The evaluate stage's result: mIoU, pixel accuracy and per-class IoU (names made MLflow-safe)."""
+    m = manifest["metrics"]
+    return StageResult(
+        "evaluate",
+        out.uri,
+        manifest,
+        processed,
+        metrics={
+            "miou": m["miou"],
+            "pixel_accuracy": m["pixel_accuracy"],
+            **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()},
+            **{f"table3/{k}": v for k, v in m.get("table3", {}).items() if v is not None},
+        },
+    )
+
+
+def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
+    """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`.
+
+    Writes `<folder>/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and
+    `bad_images.txt` when images or labels could not be read; they are not scored) and commits it with the metrics
+    in the manifest (the folder: contract.folder_uri; the result's metrics are mIoU, pixel accuracy and per-class
+    IoU); a committed stage returns its stored metrics without recomputing.
+    """
+    out = contract.output(cfg, "evaluate")
+    if out.is_committed():
+        return evaluate_result(out, out.manifest(), 0)
+    checkpoint = checkpoint or default_checkpoint(cfg)
+    decoder, names = load_decoder(checkpoint, cfg), class_names(cfg)
+    samples = list_samples(cfg, cfg.data.val_split)
+    overlay_ids = frozenset(s.image_id for s in samples[: cfg.eval.n_overlays])
+    ds = val_dataset(cfg, samples).map_batches(
+        Predictor,
+        fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
+        batch_size=cfg.eval.batch_size,
+        **actor_pool(),
+    )
+    rows = list(track(ds.iter_rows(), "evaluate", len(samples), lambda r: int(r["n_images"]) + len(bad_ids(r))))
+    n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in bad_ids(r))
+    list_bad_images(out, bad, len(samples))
+    if not n_images:
+        raise RuntimeError(f"{cfg.data.val_split}: none of the {len(samples)} validation images could be read")
+    scores = scores_from_confusion(sum(r["confusion"] for r in rows))  # one matching over the whole split
+    s = scores.to_dict()
+    metrics = {
+        "miou": s["miou"],
+        "pixel_accuracy": s["pixel_accuracy"],
+        "per_class_iou": dict(zip(names, s["per_class_iou"])),
+        "matching": s["matching"],
+        "n_images": n_images,
+        "n_bad_images": len(bad),
+        "bad_images": bad,
+        "checkpoint": checkpoint,
+    }
+    from transfgu_dist.pipeline.table3 import table3  # imports this module
+
+    metrics["table3"] = table3(cfg, samples, s["miou"])
+    out.write_part("metrics.json", json.dumps(metrics, indent=2).encode())
+    out.write_part("confusion.png", confusion_matrix_png(scores.confusion, names))
+    out.write_part("per_class_iou.png", per_class_iou_png(scores.per_class_iou, names))
+    for r in rows:
+        for image_id, image, gt, pred in zip(
+            r["overlay_ids"].split("\n"), r["overlay_image"], r["overlay_gt"], r["overlay_pred"]
+        ):
+            panel = overlay_panel(image, gt, scores.matching[pred], names, IGNORE)
+            out.write_part(f"overlays/{image_id}.png", panel)
+    log.info("evaluate: mIoU %.4f, pixel accuracy %.4f over %d images", scores.miou, scores.pixel_accuracy, n_images)
+    return evaluate_result(
+        out, out.commit({"metrics": metrics, "settings": settings_guard.record(cfg, "evaluate")}), n_images
+    )

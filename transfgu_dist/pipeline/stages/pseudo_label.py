@@ -1,0 +1,90 @@
+"""Stage 3, pseudo-label: the bank of Grad-CAM response maps of all K concepts for every training image (Eqs 5-7).
+
+One Parquet row per image: image_id, uri, grid (h, w), the raw M^k of Eq. 7 as shared, terms and scale
+(transfgu_dist.io.bank: fp16 size, fp32 labels) and fg_prior (h*w bool: the binarised A_L^cls).
+T_bg, normalisation and argmax are applied when loading
+(transfgu_dist.method.targets), so they can change without recomputing the bank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from transfgu_dist.config import Config
+from transfgu_dist.io import bank, parts
+from transfgu_dist.io.concepts_file import load_concepts
+from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.image_pool import actor_device, images_to_device
+from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.weights import build_encoder
+from transfgu_dist.method.crops import foreground_prior
+from transfgu_dist.method.encoder import normalize
+from transfgu_dist.method.gradcam import gradcam_terms
+from transfgu_dist.method.precision import autocast
+from transfgu_dist.method.resizing import resizing
+from transfgu_dist.pipeline import contract, settings_guard
+from transfgu_dist.pipeline.contract import StageResult
+from transfgu_dist.pipeline.image_stage import run_image_stage
+
+
+class ConceptMapper:
+    """Ray Data actor: a batch of images -> one bank part (one batched backward for all K concepts)."""
+
+    def __init__(self, cfg: Config, out_uri: str):
+        self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
+        self.encoder = build_encoder(cfg.encoder).to(self.dev)
+        self.concepts = torch.from_numpy(load_concepts(contract.output(cfg, "cluster")).centroids).to(self.dev)
+        self.settings = settings_guard.part_metadata(cfg, "pseudo_label")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["ok"]
+        ids = [str(i) for i in batch["image_id"][ok]]
+        images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
+        if ids:
+            with autocast(self.dev):  # Grad-CAM batches of pseudo.batch_size images; one part for the whole call
+                cams = [
+                    gradcam_terms(self.encoder, x, self.concepts, self.cfg.pseudo)
+                    for x in images.split(self.cfg.pseudo.batch_size)
+                ]
+            shared, terms, attn = (torch.cat(t) for t in zip(*cams))
+        else:  # every image of the batch unreadable: an empty part records them
+            h, w = (s // self.encoder.patch_size for s in self.cfg.pseudo.image_size)
+            shared, terms, attn = torch.zeros(0, h, w), torch.zeros(0, len(self.concepts), h, w), torch.zeros(0, h, w)
+        h, w = attn.shape[-2:]
+        table = pa.table(
+            {
+                "image_id": pa.array(ids, pa.string()),
+                "uri": pa.array([str(u) for u in batch["uri"][ok]], pa.string()),
+                "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (len(ids), 1)), pa.int32()),
+                **bank.columns(shared, terms),
+                "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
+            },
+            metadata=self.settings,
+        )
+        name = parts.write_part(self.out, table, ids, [str(i) for i in batch["image_id"][~ok]])
+        return {"part": np.array([name]), "images": np.array([len(batch["image_id"])])}
+
+
+def run_pseudo_label(cfg: Config) -> StageResult:
+    out = contract.output(cfg, "pseudo_label")
+    samples = list_samples(cfg, cfg.data.train_split)
+    return run_image_stage(
+        "pseudo_label",
+        out,
+        samples,
+        cfg.pseudo.image_size,
+        ConceptMapper,
+        {"cfg": cfg, "out_uri": out.uri},
+        cfg.pseudo.batch_size,
+        cfg.pseudo.images_per_part,
+        {
+            "concepts": cfg.n_concepts,
+            "similarity": cfg.pseudo.similarity,
+            "response": cfg.pseudo.response,
+            "resize": cfg.data.resize,
+            "settings": settings_guard.record(cfg, "pseudo_label"),
+        },
+        resizing(cfg.data).full,
+    )
