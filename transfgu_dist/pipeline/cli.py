@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist.config import PRESETS, Config, ConfigError, load_config, to_dict
+from transfgu_dist.config import DERIVED_SIZES, PRESETS, Config, ConfigError, load_config, to_dict
 from transfgu_dist.io import storage
 from transfgu_dist.pipeline import contract, lease
 from transfgu_dist.pipeline.contract import STAGES, StageResult
@@ -39,7 +39,7 @@ def help_epilog() -> str:
         f"presets: {', '.join(PRESETS)} (default synthetic)",
         "",
         "config keys (section.key=value on the command line, or sections in a --config YAML file; "
-        "defaults before the preset):",
+        "defaults before the preset; <rule>: derived when unset):",
     ]
     top = Config()
     lines.append(
@@ -54,7 +54,9 @@ def help_epilog() -> str:
         section = getattr(top, f.name)
         if dataclasses.is_dataclass(section):
             keys = " ".join(
-                f"{k.name}={getattr(section, k.name)!r}".replace("'", "").replace("(", "[").replace(")", "]")
+                f"{k.name}=<{DERIVED_SIZES[f'{f.name}.{k.name}']}>"
+                if f"{f.name}.{k.name}" in DERIVED_SIZES
+                else f"{k.name}={getattr(section, k.name)!r}".replace("'", "").replace("(", "[").replace(")", "]")
                 for k in dataclasses.fields(section)
             )
             lines.append(f"  {f.name}: {keys}")
@@ -77,7 +79,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog()
     )
-    parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config.py)")
+    parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config/schema.py)")
     parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
     parser.add_argument("--profile", choices=("reference", "paper"), help="reference (default) or paper")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
