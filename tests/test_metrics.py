@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.method.metrics import confusion_matrix, hungarian_match, scores_from_confusion
 
 
@@ -11,7 +12,7 @@ def test_permuted_perfect_prediction_scores_one():
     gt = np.array([[0, 0, 1, 1], [2, 2, 2, 0]])
     cluster_of_class = np.array([2, 0, 1])  # class 0 -> cluster 2, 1 -> 0, 2 -> 1
     pred = cluster_of_class[gt]
-    scores = scores_from_confusion(confusion_matrix(gt, pred, n_gt=3, n_pred=3))
+    scores = scores_from_confusion(confusion_matrix(gt, pred, n_gt=3, n_pred=3, ignore_index=IGNORE))
     assert scores.miou == 1.0
     assert scores.pixel_accuracy == 1.0
     # cluster 0 <- class 1, cluster 1 <- class 2, cluster 2 <- class 0
@@ -47,7 +48,7 @@ def test_ignore_index_and_out_of_range_gt_not_counted():
     gt = torch.tensor([[0, 0, 255], [1, 1, 1], [7, 255, 0]])
     pred = torch.tensor([[2, 2, 0], [0, 0, 1], [1, 1, 2]])
     # counted: g0->p2 (x3), g1->p0 (x2), g1->p1 (x1); the two 255 pixels and the 7 are dropped
-    conf = confusion_matrix(gt, pred, n_gt=2, n_pred=3)
+    conf = confusion_matrix(gt, pred, n_gt=2, n_pred=3, ignore_index=IGNORE)
     assert conf.dtype == np.int64
     np.testing.assert_array_equal(conf, [[0, 0, 3], [2, 1, 0]])
 
@@ -70,7 +71,7 @@ def test_more_clusters_than_classes():
 
 
 def test_absent_class_is_nan_and_excluded_from_miou():
-    conf = confusion_matrix(np.array([0, 0, 1]), np.array([0, 0, 1]), n_gt=3, n_pred=3)
+    conf = confusion_matrix(np.array([0, 0, 1]), np.array([0, 0, 1]), n_gt=3, n_pred=3, ignore_index=IGNORE)
     scores = scores_from_confusion(conf)
     assert np.isnan(scores.per_class_iou[2])
     assert scores.miou == 1.0
@@ -81,4 +82,4 @@ def test_absent_class_is_nan_and_excluded_from_miou():
 
 def test_prediction_out_of_range_rejected():
     with pytest.raises(ValueError, match="pred values"):
-        confusion_matrix(np.array([0, 1]), np.array([0, 3]), n_gt=2, n_pred=3)
+        confusion_matrix(np.array([0, 1]), np.array([0, 3]), n_gt=2, n_pred=3, ignore_index=IGNORE)

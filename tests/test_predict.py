@@ -146,7 +146,7 @@ def test_predict_probs_parquet_with_sliding_windows(trained, local_ray, tmp_path
     for name, (h, w) in shapes.items():
         Image.fromarray(np.random.default_rng(h).integers(0, 255, (h, w, 3), np.uint8)).save(src / f"{name}.png")
     assert run_predict(seg, str(src), out, batch_size=2, probs=True).processed == 2
-    probs, n = read_probs(out), seg.decoder.n_classes
+    probs, n = read_probs(out), seg.decoder.n_outputs
     parts = sorted((tmp_path / "out" / "probs").iterdir())
     classes = seg.to_classes(np.arange(n))  # cluster -> class id of the label PNG
     for name, (h, w) in shapes.items():

@@ -214,11 +214,12 @@ class Config:
 
     @property
     def n_concepts(self) -> int:
+        """K, the concepts k-means finds: k_fg + k_bg (paper sec 3.2)."""
         return self.cluster.k_fg + self.cluster.k_bg
 
     @property
     def n_outputs(self) -> int:
-        """Decoder channels: K concepts, plus the background channel of things-only presets."""
+        """The decoder's output channels: the K concepts, plus the background channel of things-only presets."""
         return self.n_concepts + int(self.loss.background_channel)
 
 

@@ -40,7 +40,7 @@ def export(seg: Segmenter, uri: str) -> str:
 
 class SegmenterNet(nn.Module):
     """Encoder + decoder as one float32 module: float (B, 3, H, W) in [0, 1] at the eval size -> cluster logits
-    (B, K, H, W) at that size (Eq. 2, upsampled bilinearly as sec 7.1); argmax over K gives the cluster ids."""
+    (B, n_outputs, H, W) at that size (Eq. 2, upsampled bilinearly); argmax over the channels gives the cluster ids."""
 
     def __init__(self, seg: Segmenter):
         super().__init__()

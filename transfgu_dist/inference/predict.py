@@ -126,7 +126,7 @@ class PredictWriter:
         self.seg = Segmenter.from_artifact(artifact).to(actor_device())
         self.seg.crf, self.seg.sliding = crf, sliding
         self.output, self.probs = output, probs
-        n = self.seg.decoder.n_classes
+        n = self.seg.decoder.n_outputs
         self.names = self.seg.class_names if self.seg.matching is not None else [f"cluster {k}" for k in range(n)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -97,7 +97,7 @@ def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
 
 @torch.no_grad()
 def cluster_logits(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Decoder masks (B, K, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), in float32."""
+    """Decoder masks (B, n_outputs, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), in float32."""
     with autocast(images.device):
         return decoder(encoder(normalize(images)).patch).logits.float()
 
@@ -231,7 +231,7 @@ class Segmenter:
                 resize=resizing(cfg.data).images,
             )
         if metrics:
-            seg.matching = read_matching(metrics, seg.decoder.n_classes)
+            seg.matching = read_matching(metrics, seg.decoder.n_outputs)
             seg.class_names = list(storage.read_json(metrics)["per_class_iou"]) or seg.class_names
         return seg.to(device)
 
@@ -270,7 +270,7 @@ class Segmenter:
         return {
             "format": ARTIFACT_FORMAT,
             "decoder": self.decoder.state_dict(),
-            "n_outputs": self.decoder.n_classes,
+            "n_outputs": self.decoder.n_outputs,
             "decoder_config": asdict(self.decoder_cfg),
             "encoder": asdict(self.encoder_cfg),
             "image_size": list(self.image_size),
@@ -286,7 +286,7 @@ class Segmenter:
         return np.where(self.matching >= 0, self.matching, UNMATCHED).astype(np.uint8)[clusters]
 
     def logits(self, images: Sequence[Any]) -> torch.Tensor:
-        """Cluster logits (B, K, h, w) at the patch grid for images resized to `image_size`."""
+        """Cluster logits (B, n_outputs, h, w) at the patch grid for images resized to `image_size`."""
         batch = to_float_batch([_as_uint8_rgb(im) for im in images], self.image_size, self.resize).to(self.device)
         return cluster_logits(self.encoder, self.decoder, batch)
 

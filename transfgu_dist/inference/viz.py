@@ -10,6 +10,8 @@ import io
 
 import numpy as np
 
+from transfgu_dist.io.label_maps import IGNORE
+
 GOLDEN = 0.6180339887498949
 
 
@@ -26,7 +28,7 @@ UNMATCHED_RGB = (150, 150, 150)  # clusters without a class (grey; black stays "
 PANEL_MIN_SIDE = 320  # panels are upscaled (nearest) until their short side is at least this
 
 
-def colourise(image: np.ndarray, label: np.ndarray, n_classes: int, ignore_index: int = 255) -> np.ndarray:
+def colourise(image: np.ndarray, label: np.ndarray, n_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
     """Blend class colours over ``image``: classes ``[0, n_classes)`` in ``palette`` colours, ``ignore_index``
     black, any other value (an unmatched cluster) grey."""
     label = np.asarray(label).astype(np.int64)
@@ -37,7 +39,7 @@ def colourise(image: np.ndarray, label: np.ndarray, n_classes: int, ignore_index
 
 
 def overlay_panel(
-    image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, class_names: list[str], ignore_index: int = 255
+    image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, class_names: list[str], ignore_index: int = IGNORE
 ) -> bytes:
     """PNG of titled ``image | ground truth | prediction`` panels (no ground-truth panel when ``gt`` is None)
     with a legend of the class names and colours present, at a readable size (short side >= 320 px).

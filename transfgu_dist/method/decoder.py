@@ -1,8 +1,9 @@
 """Segmenter's mask transformer decoder (paper sec 3.1, Eq. 2).
 
-Patch tokens and K learned class embeddings pass jointly through N transformer blocks; the masks are the
+Patch tokens and `n_outputs` learned class embeddings (one per output channel: the K concepts, plus the
+background channel of things-only presets) pass jointly through N transformer blocks; the masks are the
 products of the final patch and class embeddings: x' C^T / sqrt(d) (Eq. 2, `scaled_dot`), or the reference's
-cosine similarity followed by a LayerNorm over the classes (`cosine_ln`).
+cosine similarity followed by a LayerNorm over the output channels (`cosine_ln`).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from transfgu_dist.config import DecoderConfig
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # (B, K, h, w) masks at the patch grid, before softmax
-    class_emb: torch.Tensor  # (B, K, d) C of Eq. 2, as used by the diversity loss (Eq. 15)
+    logits: torch.Tensor  # (B, n_outputs, h, w) masks at the patch grid, before softmax
+    class_emb: torch.Tensor  # (B, n_outputs, d) C of Eq. 2, as used by the diversity loss (Eq. 15)
 
 
 class MaskTransformer(nn.Module):
-    def __init__(self, dim: int, n_classes: int, cfg: DecoderConfig):
+    def __init__(self, dim: int, n_outputs: int, cfg: DecoderConfig):
         super().__init__()
-        self.n_classes, self.mask_head = n_classes, cfg.mask_head
+        self.n_outputs, self.mask_head = n_outputs, cfg.mask_head
         self.proj_dec = nn.Linear(dim, dim)
-        self.cls_emb = nn.Parameter(torch.zeros(1, n_classes, dim))
+        self.cls_emb = nn.Parameter(torch.zeros(1, n_outputs, dim))
         self.blocks = nn.ModuleList(
             Block(
                 dim,
@@ -46,7 +47,7 @@ class MaskTransformer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj_patch = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
         self.proj_classes = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
-        self.mask_norm = nn.LayerNorm(n_classes) if cfg.mask_head == "cosine_ln" else nn.Identity()
+        self.mask_norm = nn.LayerNorm(n_outputs) if cfg.mask_head == "cosine_ln" else nn.Identity()
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)

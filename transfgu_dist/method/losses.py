@@ -1,6 +1,6 @@
 """Bootstrapping losses (paper Eqs 9, 13-16).
 
-`logits` are the student's (B, K, h, w) outputs before softmax; `target` hard labels (B, h, w) (-1 ignored).
+`logits` are the student's (B, n_outputs, h, w) outputs before softmax; `target` hard labels (B, h, w) (-1 ignored).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def _flat_int64(x: ArrayLike) -> np.ndarray:
     return np.asarray(x).astype(np.int64, copy=False).ravel()
 
 
-def confusion_matrix(gt: ArrayLike, pred: ArrayLike, n_gt: int, n_pred: int, ignore_index: int = 255) -> np.ndarray:
+def confusion_matrix(gt: ArrayLike, pred: ArrayLike, n_gt: int, n_pred: int, ignore_index: int) -> np.ndarray:
     """Pixel counts ``conf[g, p]`` (int64, ``[n_gt, n_pred]``) over any array shape.
 
     Pixels whose gt equals ``ignore_index`` or lies outside ``[0, n_gt)`` are not counted

@@ -63,7 +63,7 @@ class Predictor:
         pred = predict(self.encoder, self.decoder, images_to_device(batch, self.dev), self.size, self.crf)
         shown = ok & np.isin(batch["image_id"], list(self.overlay_ids))
         return {
-            "confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_classes, IGNORE)[None],
+            "confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_outputs, IGNORE)[None],
             "n_images": np.array([ok.sum()]),
             "bad": np.array(["\n".join(batch["image_id"][~ok])]),
             "overlay_ids": np.array(["\n".join(batch["image_id"][shown])]),
