@@ -1,4 +1,4 @@
-"""`jobs/bench.py --size backbones`: each backbone's extract and Grad-CAM cost against DINO ViT-S/8 (issue 13).
+"""`jobs/bench.py --size backbones`: each backbone's extract and Grad-CAM cost against DINO ViT-S/8.
 
 Every family is built at its real size with seeded random weights (no download) and run at the sizes its preset
 uses: the extract forward on crops (Eq. 3; `encoder(crops, with_patch=False)`) and the batched Grad-CAM at K = 27

@@ -13,7 +13,7 @@ import numpy as np
 from benchmarks.env import bench_result, measure, measure_interleaved, sig, torch_module
 from benchmarks.memory import PeakMemory
 
-FEATURE_DIM = 384  # the CLS width of the ViT-S encoders whose features are clustered (N x 384, issue 6)
+FEATURE_DIM = 384  # the CLS width of the ViT-S encoders whose features are clustered (N x 384)
 
 
 @dataclass(frozen=True)

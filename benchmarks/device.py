@@ -2,8 +2,9 @@
 
 For a GPU node that has torch, timm, numpy and pyarrow but not Ray: the encoder forward at the crop size (Eq. 3),
 batched Grad-CAM at K = 27 and 171 (Eqs 5-8), one bootstrap training step of round 0 (Eqs 9, 14-16) and prediction
-(sec 7.1), each timed with CUDA synchronisation under bf16 autocast (CPU: fp32), its FLOPs counted by torch's
-flop counter, and reported as achieved TFLOP/s against the device's bf16 peak as one measured square GEMM gives it.
+(bilinear upsampling and argmax), each timed with CUDA synchronisation under bf16 autocast (CPU: fp32), its FLOPs
+counted by torch's flop counter, and reported as achieved TFLOP/s against the device's bf16 peak as one measured
+square GEMM gives it.
 """
 
 from __future__ import annotations

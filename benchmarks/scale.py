@@ -1,4 +1,4 @@
-"""`jobs/bench.py --size scale`: the extract stage's own overheads as the image count grows (issue 15's table).
+"""`jobs/bench.py --size scale`: the extract stage's own overheads as the image count grows.
 
 A tiny random encoder on 64 px images keeps the model cheap, so what grows with N is the pipeline: Ray Data, the
 crop actor's per-batch work, part publishing and the resume / commit bookkeeping. Per N: extract wall time,

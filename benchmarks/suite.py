@@ -1,9 +1,9 @@
-"""Benchmarks of the hot paths, each measured against its ceiling on the same hardware (issue 6).
+"""Benchmarks of the hot paths, each measured against its ceiling on the same hardware.
 
 Every sub-benchmark returns one JSON-ready dict with the same top-level keys (BENCH_KEYS): the device, library
 versions, the sizes it ran at, the raw timings (every run and the median), the derived rates and ratios, the
 headline `ratio` with its `target`, and the peak memory while it ran. Nothing here asserts on time: the numbers
-are reported, and `meets_target` only says how the headline compares with the issue's target.
+are reported, and `meets_target` only says how the headline compares with its `target`.
 
     extract       crops/s of the whole Ray Data extraction (stages.extract.run_extract) / bare encoder forward
     pseudo_label  batched Grad-CAM (one forward + one batched backward) / one forward + one backward, K = 27, 171

@@ -1,9 +1,9 @@
 """Benchmarks of the hot paths against their ceilings (extract, pseudo_label, cluster, bootstrap); prints JSON.
 
     python jobs/bench.py [--only extract,pseudo_label,cluster,bootstrap] [--size tiny|small|full] [--out FILE]
-    python jobs/bench.py --size scale [--scale-n 500,2000,8000]   # pipeline overheads vs image count (issue 15)
+    python jobs/bench.py --size scale [--scale-n 500,2000,8000]   # pipeline overheads vs image count
     python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
-    python jobs/bench.py --size backbones [--archs A,B] [--divide N]  # each backbone vs DINO ViT-S/8 (issue 13); no Ray
+    python jobs/bench.py --size backbones [--archs A,B] [--divide N]  # each backbone vs DINO ViT-S/8; no Ray
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
 See benchmarks/ (suite.py and one module per benchmark) for what each figure means and docs/performance.md for

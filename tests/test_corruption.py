@@ -1,5 +1,5 @@
 """Damaged committed outputs are found where the next stage reads them, in one line naming the file and what was
-expected (issue 16 point 5): a truncated or deleted Parquet part, and a garbage decoder checkpoint or export."""
+expected: a truncated or deleted Parquet part, and a garbage decoder checkpoint or export."""
 
 from __future__ import annotations
 

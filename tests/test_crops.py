@@ -19,7 +19,7 @@ BETAS = (0.5, 0.4, 0.3, 0.2)
 
 def test_reference_window_count_on_80x80_grid():
     windows = sliding_windows(80, 80, BETAS)
-    # sides 40/32/24/16, strides 20/16/12/8 -> 3x3 + 4x4 + 6x6 + 9x9 (reference sec 2.2)
+    # sides 40/32/24/16, strides 20/16/12/8 -> 3x3 + 4x4 + 6x6 + 9x9 (the authors' bbox_anchors.py)
     assert len(windows) == 142
     assert np.bincount(windows[:, 0]).tolist() == [9, 16, 36, 81]
     assert [int(windows[windows[:, 0] == i, 3][0]) for i in range(4)] == [40, 32, 24, 16]

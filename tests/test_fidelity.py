@@ -1,4 +1,4 @@
-"""Fidelity points of issue 11 pinned by the figures measured against the authors' code."""
+"""Where the authors' code departs from the paper, pinned by the figures measured against that code."""
 
 import math
 
@@ -208,8 +208,8 @@ def test_bank_keeps_fp32_labels_and_soft_targets(k):
 
 
 def test_gradcam_loss_scale_is_one_over_batch_length():
-    """pseudo.loss_scale None (reference): every Grad-CAM batch, a final partial one too, scales its loss by
-    1/len(batch), so a 3-image batch equals scale 1/3 and its 1-image remainder scale 1 (reference doc sec 4)."""
+    """pseudo.loss_scale None (reference, the authors' batch-mean loss): every Grad-CAM batch, a final partial one
+    too, scales its loss by 1/len(batch), so a 3-image batch equals scale 1/3 and its 1-image remainder scale 1."""
     encoder = build_encoder(EncoderConfig(arch="vit_tiny_test", weights="random"))
     images, concepts = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.randn(5, 48)
 

@@ -1,4 +1,4 @@
-"""Damaged outputs and inputs: named in one line, never trained on (issue 16)."""
+"""Damaged outputs and inputs: named in one line, never trained on."""
 
 from __future__ import annotations
 

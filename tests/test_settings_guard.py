@@ -1,4 +1,4 @@
-"""The settings guard (issue 16): outputs made with other settings are refused in one line naming the keys, found
+"""The settings guard: outputs made with other settings are refused in one line naming the keys, found
 from the manifests, parts and Ray Train checkpoints themselves (no config.yaml needed), under `source=` too."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Predict stage: segment any images (a folder, an s3:// prefix or a list file of URIs) with a trained Segmenter.
 
-Ray Data reads and resizes in CPU tasks (the eval resolution, as evaluation does: reference sec 7.1) and feeds an
+Ray Data reads and resizes in CPU tasks (to the eval resolution, as evaluation does) and feeds an
 actor pool of encoder + decoder (one GPU per actor where there are GPUs, bf16). Per image the actor writes, at the
 image's ORIGINAL resolution, `labels/<id>.png` (8-bit: class ids through an evaluate run's Hungarian matching,
 254 for unmatched clusters; raw cluster ids without a matching) and `overlays/<id>.png` (image | prediction with

@@ -1,8 +1,9 @@
 """The trained segmenter as one object: frozen encoder + bootstrapped decoder (paper sec 3.1, Eq. 2), the eval
 resolution, class names and the Hungarian matching of an evaluate run (sec 4.1).
 
-`predict` is the protocol forward of reference sec 7.1 shared by evaluate, bootstrap validation and the predict
-stage; `Segmenter.segment` applies it to images of any size and returns label maps at each image's own size.
+`predict` is the authors' evaluation forward (logits upsampled bilinearly, argmax), shared by evaluate, bootstrap
+validation and the predict stage; `Segmenter.segment` applies it to images of any size and returns label maps at
+each image's own size.
 Nothing here imports Ray, FAISS or MLflow.
 """
 
@@ -110,7 +111,7 @@ def predict(
     size: tuple[int, int],
     crf: CRFConfig | None = None,
 ) -> np.ndarray:
-    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax (sec 7.1);
+    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax;
     `crf` refines each image's upsampled logits with the dense CRF first (images must then be at `size`)."""
     logits = F.interpolate(cluster_logits(encoder, decoder, images), size=size, mode="bilinear", align_corners=False)
     if crf is not None:
@@ -192,7 +193,7 @@ class Segmenter:
     decoder: MaskTransformer
     encoder_cfg: EncoderConfig
     decoder_cfg: DecoderConfig
-    image_size: tuple[int, int] = (320, 320)  # the eval resolution images are resized to (sec 7.1)
+    image_size: tuple[int, int] = (320, 320)  # the eval resolution images are resized to
     class_names: list[str] = field(default_factory=list)
     matching: np.ndarray | None = None  # (K,) class id per cluster or -1 (evaluate's metrics.json)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -301,7 +302,7 @@ class Segmenter:
 
     def scores(self, image: np.ndarray, grid: torch.Tensor | None = None) -> torch.Tensor:
         """(K, H, W) per-cluster scores at the size of `image` (uint8 HWC): logits (sliding-window, or the
-        patch-grid `grid` logits upsampled bilinearly, align_corners=False, as sec 7.1), or the CRF's
+        patch-grid `grid` logits upsampled bilinearly, align_corners=False), or the CRF's
         probabilities when a CRF is configured."""
         if self.sliding is not None:
             up = sliding_logits(self.encoder, self.decoder, image, self.sliding, self.device)

@@ -2,7 +2,7 @@
 
 The reference maps are A/max(A) (<= 1, the same for every concept) plus a per-concept gradient term of order 1e-4,
 so summed and rounded to fp16 (resolution 2^-11 near 1) the top two concepts of most pixels collide: the argmax of
-about a quarter of the pixels changed (issue 11 point 3). Stored here per image instead:
+about a quarter of the pixels changed. Stored here per image instead:
 - `shared`: the shared term, float32 (h*w),
 - `terms`: the per-concept terms divided by a per-image power of two `scale` (so the largest is in [0.5, 1] and
   fp16's relative precision holds down to 2^-14 of it), float16 (K*h*w), NaN where M^k is forced to 0,

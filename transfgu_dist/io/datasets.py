@@ -1,7 +1,7 @@
 """Which images (and ground-truth labels) make up a split, for each supported layout.
 
 Layouts (``data.layout``; every root may be a local path or ``s3://bucket/prefix``), as the public archives
-extract (reference doc sec 9):
+extract (the layouts the authors' README gives):
 
 - ``synthetic``: ``images/<split>/<id>.png`` + ``labels/<split>/<id>.png`` + ``classes.txt``
   (transfgu_dist.io.synthetic).

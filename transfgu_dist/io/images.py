@@ -1,4 +1,4 @@
-"""Image/label decoding and tensor preparation (reference sec 7.1: resize + ImageNet norm)."""
+"""Image/label decoding and tensor preparation (resize + ImageNet normalisation, as the authors' code)."""
 
 from __future__ import annotations
 

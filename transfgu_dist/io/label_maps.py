@@ -1,7 +1,7 @@
 """Ground-truth label remapping: raw label PNG values of each public dataset -> the evaluated class ids.
 
 Every table is a 256-entry uint8 lookup (raw value -> class id, 255 = ignored), named like the config preset
-that uses it (reference doc sec 7.2):
+that uses it (the authors' per-dataset label handling):
 
 - ``cocostuff171``: stuffthingmaps values are 0-based COCO ids 0-181 (255 unlabeled); the 11 ids COCO never
   uses are dropped and the other 182 - 11 = 171 map to 0-170 in order (things 0-79, stuff 80-170).

@@ -3,7 +3,7 @@
 A scene is 2-3 textured background (stuff) bands with wavy boundaries, stacked in a fixed
 top-to-bottom order, plus 1-3 textured objects (things) pasted on top, later ones occluding
 earlier ones. Class ids put the THINGS FIRST (``0 .. N_THING-1``) and the stuff classes after,
-like the COCO-Stuff-27 ordering of the reference (reference sec 7.2).
+like the authors' COCO-Stuff-27 ordering.
 """
 
 from __future__ import annotations

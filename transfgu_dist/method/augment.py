@@ -1,4 +1,4 @@
-"""Training augmentation (paper sec 4.2 "Data Augmentation"; reference 6.4).
+"""Training augmentation (paper sec 4.2 "Data Augmentation"; the authors' `Segmenter.data_augment`).
 
 Photometric jitter / colour drop / blur on the full image, then a random square-scaled crop that
 resizes the image and RoI-Aligns the soft pseudo label, then a shared horizontal flip. Tensors may
@@ -18,7 +18,7 @@ from transfgu_dist.method.resizing import resize_crops
 
 @dataclass
 class AugmentConfig:
-    """Augmentation strengths and probabilities (reference 6.4 defaults).
+    """Augmentation strengths and probabilities (the authors' values).
 
     per_batch=True draws the photometric parameters once per batch, as the reference does; the
     default draws them per image. Crops and flips are always drawn per image.

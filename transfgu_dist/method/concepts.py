@@ -1,4 +1,4 @@
-"""K-means of crop CLS features into K semantic concepts S (paper sec 3.2, 4.2; reference sec 3)."""
+"""K-means of crop CLS features into K semantic concepts S (paper sec 3.2, 4.2)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""Sliding-window crops and the attention foreground prior (paper sec 3.2, 4.2; reference sec 2).
+"""Sliding-window crops and the attention foreground prior (paper sec 3.2, 4.2).
 
 Windows live on the ViT token grid as int rows ``(beta_index, top, left, side)``. Two rules
 (``crops.window_rule``): ``paper`` windows are b = int(beta*min(h, w)) tokens on a side, ``side * p``
 pixels; ``reference`` windows (the authors' ``bbox_anchors.py``) cover b+1 tokens, ``(b+1)*p - 1``
-pixels, so the last window of each row and column starts one token earlier (reference doc 2.2).
+pixels, so the last window of each row and column starts one token earlier.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def classify_windows(
     fg_min: float = 0.5,
     bg_min: float = 0.8,
 ) -> np.ndarray:
-    """Kind code (FG / BG / DROP) of every window, (n,) int8 (sec 4.2; reference 2.3).
+    """Kind code (FG / BG / DROP) of every window, (n,) int8 (sec 4.2; the authors' thresholds are 0.5 and 0.8).
 
     "attention" (COCO): FG if the foreground fraction exceeds fg_min, BG if the background
     fraction exceeds bg_min, else DROP. "all_fg" (LIP) and "none" (Cityscapes, one pool): all FG;

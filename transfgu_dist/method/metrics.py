@@ -1,4 +1,4 @@
-"""Unsupervised segmentation scores (paper sec 4.1; reference sec 7.1).
+"""Unsupervised segmentation scores (paper sec 4.1), as the authors' `utils/metric.py` computes them.
 
 Predicted cluster ids carry no class meaning, so a confusion matrix ``conf[gt, pred]`` is
 accumulated over the whole evaluation split and aligned to the ground truth by ONE Hungarian
@@ -76,7 +76,7 @@ class Scores:
 
 
 def scores_from_confusion(conf: np.ndarray) -> Scores:
-    """mIoU and pixel accuracy from a whole-split ``conf[gt, pred]`` (reference sec 7.1).
+    """mIoU and pixel accuracy from a whole-split ``conf[gt, pred]``.
 
     IoU_c = TP/(TP+FP+FN). Pixels predicted as unmatched clusters count as misses of their gt
     class. mIoU averages over gt classes present in the gt or in the matched prediction.

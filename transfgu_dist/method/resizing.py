@@ -1,6 +1,6 @@
 """How each stage resizes images, crops and labels (`data.resize`: reference | antialias).
 
-reference (the authors' code, reference doc secs 2.1, 4, 6.4, 7.1):
+reference (the authors' crop, Grad-CAM, training and evaluation code):
 - full images for cropping and Grad-CAM: OpenCV nearest-neighbour for COCO (torch `nearest` is OpenCV's
   INTER_NEAREST rule, src = floor(dst * in/out)), plain bilinear elsewhere;
 - training and evaluation images, crops (extract) and training crops: plain bilinear, align_corners False,

@@ -30,7 +30,7 @@ def load_labeled_images(
     batch: dict[str, np.ndarray], size: tuple[int, int], label_map: str | None = None, resize: Resizing = ANTIALIAS
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU task: images (load_images) plus their GT labels resized (nearest) to the eval size, the
-    protocol resolution of reference sec 7.1; an unreadable image or label becomes all-ignore and `ok` False.
+    resolution the authors' code scores at; an unreadable image or label becomes all-ignore and `ok` False.
     `label_map` names the label_maps table taking raw label values to class ids (None: read as class ids);
     `resize` gives the image and label methods (data.resize)."""
     batch = load_images(batch, size, resize.images)

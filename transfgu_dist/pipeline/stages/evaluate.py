@@ -1,7 +1,7 @@
 """Evaluation stage: mIoU and pixel accuracy of the bootstrapped decoder on the whole validation split.
 
 Paper sec 4.1: predicted cluster ids are aligned to the ground truth by Hungarian matching over all validation
-images. Reference sec 7.1: images and labels (nearest) are resized to the protocol size and scored there; the
+images. As the authors' code does, images and labels (nearest) are resized to the protocol size and scored there; the
 logits are upsampled bilinearly (align_corners=False) and argmaxed; ONE confusion matrix is accumulated over the
 split and matched once.
 """
