@@ -40,7 +40,7 @@ def write_feature_parts(out_uri: str, x: np.ndarray, rows_per_part: int) -> list
     import pyarrow as pa
 
     from transfgu_dist.io import parts
-    from transfgu_dist.io.storage import StageOutput
+    from transfgu_dist.io.stage_output import StageOutput
 
     out = StageOutput(out_uri)
     rng = np.random.default_rng(1)

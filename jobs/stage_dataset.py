@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from transfgu_dist.io import s3, storage
-from transfgu_dist.io.storage import StorageError
+from transfgu_dist.io.storage_errors import StorageError
 
 MANIFEST = "_MANIFEST.json"
 MB = 1 << 20

@@ -11,7 +11,7 @@ import torch
 from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import CheckpointError, Segmenter, load_decoder
 from transfgu_dist.io import parts
-from transfgu_dist.io.storage import StorageError
+from transfgu_dist.io.storage_errors import StorageError
 
 
 def commit_parts(out, n_parts: int = 3) -> list[str]:

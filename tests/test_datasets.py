@@ -16,6 +16,7 @@ from transfgu_dist.io import label_maps, storage
 from transfgu_dist.io.datasets import DatasetLayoutError, list_samples
 from transfgu_dist.io.images import decode_label
 from transfgu_dist.io.label_maps import IGNORE, LabelMapError, remap_label
+from transfgu_dist.io.storage_errors import StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 H = W = 16
@@ -341,7 +342,7 @@ def test_readers_on_s3(s3_bucket, tmp_path):
 def test_missing_bucket_root(s3_bucket):
     cfg = cfg_for("s3://no-such-bucket-transfgu/coco", "cocostuff27")
     with pytest.raises(
-        storage.StorageError,
+        StorageError,
         match=r"s3://no-such-bucket-transfgu/coco/images/val2017: bucket "
         r"'no-such-bucket-transfgu' does not exist \(endpoint http://127",
     ):

@@ -11,7 +11,8 @@ from transfgu_dist.config import Config
 from transfgu_dist.io import parts
 from transfgu_dist.io.concepts_file import load_concepts
 from transfgu_dist.io.parts import fixed_list, list_values, read_table, write_part
-from transfgu_dist.io.storage import StageOutput, StorageError
+from transfgu_dist.io.stage_output import StageOutput
+from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract
 from transfgu_dist.pipeline.stages.cluster import _fit, read_pools
 

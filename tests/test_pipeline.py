@@ -24,7 +24,7 @@ from conftest import SMALL, free_port, job
 
 from transfgu_dist.config import load_config
 from transfgu_dist.io.parts import list_values, read_table, write_part
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

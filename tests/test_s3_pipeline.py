@@ -27,6 +27,7 @@ from test_storage import auth_s3_server  # noqa: F401  (fixture: a second moto s
 from transfgu_dist.config import load_config
 from transfgu_dist.io import s3, storage
 from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.storage_errors import StorageError
 
 ROOT = Path(__file__).resolve().parents[1]
 CORRUPT = "zz_corrupt"  # a train image that is not an image: sorted last, so the other batches are unchanged
@@ -214,7 +215,7 @@ def test_missing_bucket_messages(s3_bucket, tmp_path):
     ), proc.stderr
     cfg = load_config(overrides=["data.root=s3://no-such-bucket-transfgu/data"])
     with pytest.raises(
-        storage.StorageError,
+        StorageError,
         match=r"^s3://no-such-bucket-transfgu/data/images/train: bucket "
         r"'no-such-bucket-transfgu' does not exist",
     ):
@@ -240,7 +241,7 @@ def test_wrong_credentials_messages(auth_s3_server, tmp_path, monkeypatch):  # n
     s3.configure(None)
     cfg = load_config(overrides=["data.root=s3://some-bucket/data", "preset=cocostuff27"])
     with pytest.raises(
-        storage.StorageError,
+        StorageError,
         match=r"^s3://some-bucket/data/images/train2017: access denied .*"
         r"check the AWS credentials",
     ):

@@ -14,7 +14,8 @@ import pyarrow.fs as pafs
 import pytest
 
 from transfgu_dist.io import s3, storage
-from transfgu_dist.io.storage import StageOutput, StorageError
+from transfgu_dist.io.stage_output import StageOutput
+from transfgu_dist.io.storage_errors import StorageError
 
 TEST_REGION = "us-east-1"
 

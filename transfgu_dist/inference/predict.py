@@ -32,6 +32,7 @@ from transfgu_dist.inference.viz import overlay_panel
 from transfgu_dist.io import storage
 from transfgu_dist.io.image_pool import actor_device, actor_pool, images_to_device, load_images
 from transfgu_dist.io.images import BadImageError, decode_image
+from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.method.crf import CRFConfig
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class PredictWriter:
                 continue
             try:
                 image = decode_image(storage.read_bytes(uri), uri)  # at its original size
-            except (BadImageError, storage.StorageError) as e:
+            except (BadImageError, StorageError) as e:
                 log.warning("skipping image: %s", e)
                 ok[i] = False
                 continue

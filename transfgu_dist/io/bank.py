@@ -19,7 +19,7 @@ import ray
 import torch
 
 from transfgu_dist.io import parts, storage
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.method.gradcam import compose
 
 COLUMNS = ("shared", "terms", "scale")

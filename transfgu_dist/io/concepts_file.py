@@ -8,7 +8,7 @@ import io
 import numpy as np
 
 from transfgu_dist.io import storage
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.method.concepts import Concepts
 
 FILE = "concepts.npz"

@@ -12,6 +12,7 @@ import torch
 
 from transfgu_dist.io import storage
 from transfgu_dist.io.images import BadImageError, decode_image, to_float_batch
+from transfgu_dist.io.storage_errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def load_images(
                 to_float_batch(img, size, method)[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             )
             ok.append(True)
-        except (BadImageError, storage.StorageError) as e:
+        except (BadImageError, StorageError) as e:
             log.warning("skipping image: %s", e)
             images.append(np.zeros((*size, 3), np.uint8))
             ok.append(False)

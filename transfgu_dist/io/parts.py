@@ -20,7 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from transfgu_dist.io import storage
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
+from transfgu_dist.io.storage_errors import StorageError
 
 IDS_KEY, BAD_KEY = b"transfgu.image_ids", b"transfgu.bad_images"
 
@@ -127,13 +128,13 @@ def _check_present(out: StageOutput, uri: str, info: pafs.FileInfo, rec: dict[st
     """StorageError in one line when the part at `uri` is missing or not the size its manifest record says."""
     redo = f"delete {out.uri} to redo that stage"
     if info.type != pafs.FileType.File:
-        raise storage.StorageError(
+        raise StorageError(
             uri,
             f"part recorded in the committed manifest is missing (expected "
             f"{rec['bytes']} bytes, {rec['rows']} rows); {redo}",
         )
     if info.size != rec["bytes"]:
-        raise storage.StorageError(
+        raise StorageError(
             uri, f"part is {info.size} bytes, the manifest records {rec['bytes']} (truncated or rewritten); {redo}"
         )
 
@@ -150,9 +151,9 @@ def verify(out: StageOutput) -> None:
         try:
             rows = pq.read_metadata(info.path, filesystem=fs).num_rows
         except (OSError, pa.ArrowException) as e:
-            raise storage.StorageError(uri, f"part footer unreadable: {str(e).splitlines()[0]}") from e
+            raise StorageError(uri, f"part footer unreadable: {str(e).splitlines()[0]}") from e
         if rows != rec["rows"]:
-            raise storage.StorageError(uri, f"part holds {rows} rows, the manifest records {rec['rows']}")
+            raise StorageError(uri, f"part holds {rows} rows, the manifest records {rec['rows']}")
 
 
 def processed_ids(out: StageOutput) -> tuple[set[str], set[str]]:

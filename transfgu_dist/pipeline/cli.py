@@ -14,6 +14,7 @@ from typing import Any
 
 from transfgu_dist.config import DERIVED_SIZES, PRESETS, Config, ConfigError, load_config, to_dict
 from transfgu_dist.io import storage
+from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract, lease
 from transfgu_dist.pipeline.contract import STAGES, StageResult
 
@@ -116,7 +117,7 @@ def preflight(args: argparse.Namespace, stages: Sequence[str]) -> tuple[Config, 
             cfg.encoder = resolve_encoder(cfg.encoder)
             lease.hold(cfg.output)  # one driver per output; the second is refused in one line
             check_output(cfg, stages)
-        except (DatasetLayoutError, EncoderLoadError, BadImageError, LabelMapError, storage.StorageError) as e:
+        except (DatasetLayoutError, EncoderLoadError, BadImageError, LabelMapError, StorageError) as e:
             raise ConfigError(str(e)) from e
     except ConfigError as e:
         if args.debug:
@@ -330,7 +331,7 @@ def segmenter_job(
         if "output" in keys and "://" not in keys["output"]:
             keys["output"] = os.path.abspath(keys["output"])
         return job(seg, cfg, keys, args)
-    except (CheckpointError, ConfigError, storage.StorageError, ValueError) as e:
+    except (CheckpointError, ConfigError, StorageError, ValueError) as e:
         sys.exit(str(e).splitlines()[0])
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from transfgu_dist.config import Config
 from transfgu_dist.io import storage
+from transfgu_dist.io.stage_output import StageOutput
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def folder_uri(cfg: Config, name: str) -> str:
     return storage.join(cfg.inputs_root if stage.reusable else cfg.output, stage.folder)
 
 
-def output(cfg: Config, name: str) -> storage.StageOutput:
-    return storage.StageOutput(folder_uri(cfg, name))
+def output(cfg: Config, name: str) -> StageOutput:
+    return StageOutput(folder_uri(cfg, name))
 
 
 def is_committed(cfg: Config, name: str) -> bool:

@@ -11,7 +11,7 @@ import ray
 from transfgu_dist.io import parts, storage
 from transfgu_dist.io.datasets import Sample
 from transfgu_dist.io.image_pool import actor_pool, load_images
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.pipeline.console import track
 from transfgu_dist.pipeline.contract import StageResult
 

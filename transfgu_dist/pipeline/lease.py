@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transfgu_dist.config import ConfigError
 from transfgu_dist.io import s3, storage
+from transfgu_dist.io.storage_errors import StorageError
 
 LEASE = "_LEASE.json"
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class S3Lease:
                 break
             except Exception as e:
                 if not _conflict(e):
-                    raise storage.StorageError(self.uri, f"could not create the lease ({e})") from e
+                    raise StorageError(self.uri, f"could not create the lease ({e})") from e
             current = self._holder()
             if current is None:
                 continue  # released between the put and the read: try again

@@ -17,6 +17,7 @@ from transfgu_dist.io.datasets import Sample
 from transfgu_dist.io.image_pool import actor_device, images_to_device, load_images
 from transfgu_dist.io.images import BadImageError, decode_label, resize_labels
 from transfgu_dist.io.label_maps import IGNORE, remap_label, table_name
+from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.crf import CRFConfig
 from transfgu_dist.method.decoder import MaskTransformer
@@ -40,7 +41,7 @@ def load_labeled_images(
             gt[i] = resize_labels(
                 remap_label(label_map, decode_label(storage.read_bytes(uri), uri)), size, resize.labels
             ).numpy()
-        except (BadImageError, storage.StorageError) as e:
+        except (BadImageError, StorageError) as e:
             log.warning("skipping image: %s", e)
             batch["ok"][i] = False
     gt[~batch["ok"]] = IGNORE

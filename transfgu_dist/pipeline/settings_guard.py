@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from transfgu_dist.config import Config, ConfigError, to_dict
 from transfgu_dist.io import storage
+from transfgu_dist.io.stage_output import TMP_DIR_NAME
 from transfgu_dist.pipeline import contract
 
 SETTINGS_KEY = b"transfgu.settings"  # Parquet footer key of a part's settings record
@@ -72,7 +73,7 @@ def train_dir(cfg: Config) -> str:
 def _check_parts(cfg: Config, name: str) -> None:
     out, current = contract.output(cfg, name), record(cfg, name)
     for uri in storage.list_files(out.uri, (".parquet",)):
-        if f"/{storage.TMP_DIR_NAME}/" in uri:
+        if f"/{TMP_DIR_NAME}/" in uri:
             continue
         fs, path = storage.filesystem(uri)
         try:

@@ -21,7 +21,7 @@ from transfgu_dist.io.datasets import list_samples
 from transfgu_dist.io.image_pool import actor_pool
 from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.io.label_maps import class_names as table_class_names
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.method.metrics import scores_from_confusion
 from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.console import track

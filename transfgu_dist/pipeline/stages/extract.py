@@ -16,7 +16,7 @@ from transfgu_dist.config import Config
 from transfgu_dist.io import parts
 from transfgu_dist.io.datasets import list_samples
 from transfgu_dist.io.image_pool import actor_device, images_to_device
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.crops import (
     DROP,

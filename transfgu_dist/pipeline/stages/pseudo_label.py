@@ -17,7 +17,7 @@ from transfgu_dist.io import bank, parts
 from transfgu_dist.io.concepts_file import load_concepts
 from transfgu_dist.io.datasets import list_samples
 from transfgu_dist.io.image_pool import actor_device, images_to_device
-from transfgu_dist.io.storage import StageOutput
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.crops import foreground_prior
 from transfgu_dist.method.encoder import normalize
