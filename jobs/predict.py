@@ -12,7 +12,7 @@ probs=true: also the per-pixel cluster probabilities (fp16, original resolution)
 Other section.key=value arguments override the config (e.g. eval.batch_size=8).
 """
 
-from transfgu_dist.pipeline.cli import run_predict_job
+from transfgu_dist.pipeline.segmenter_jobs import run_predict_job
 
 if __name__ == "__main__":
     run_predict_job(__doc__)

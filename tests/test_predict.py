@@ -22,7 +22,8 @@ from transfgu_dist.io.datasets import list_samples
 from transfgu_dist.io.image_pool import images_to_device, load_images
 from transfgu_dist.io.images import decode_image
 from transfgu_dist.pipeline import tracking
-from transfgu_dist.pipeline.cli import parse_args, prepare, run_export_job
+from transfgu_dist.pipeline.cli import parse_args, prepare
+from transfgu_dist.pipeline.segmenter_jobs import run_export_job
 from transfgu_dist.pipeline.stages.evaluate import run_evaluate
 
 pytestmark = pytest.mark.slow
