@@ -1,8 +1,11 @@
 """Presets resolve to the values the authors' configs give; `Config()` is the reference profile; sizes derive."""
 
+import typing
+
 import pytest
 
-from transfgu_dist.config import PROFILES, Config, ConfigError, derive_sizes, load_config, to_dict
+from transfgu_dist.config import PROFILES, Config, ConfigError, DataConfig, derive_sizes, load_config, to_dict
+from transfgu_dist.io.datasets import READERS
 
 
 def flat(cfg):
@@ -78,6 +81,10 @@ def test_a_wrong_choice_is_one_line_naming_key_and_choices(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(f)
     assert str(e.value) == f"{f}: key 'train.best_by' = 'acc': expected one of miou_plus_acc, miou"
+
+
+def test_every_layout_the_loader_accepts_has_a_reader():
+    assert typing.get_args(typing.get_type_hints(DataConfig)["layout"]) == tuple(READERS)
 
 
 # preset -> crops.image_size, crops.crop_size, pseudo/train/eval.image_size, (k_fg, k_bg), data.n_classes,

@@ -1,7 +1,7 @@
 """One validation pass before Ray or MLflow start: every config, path, data and weights mistake as one line.
 
-`check(cfg)` raises ConfigError (or the dataset / storage / encoder error naming the path) for: an unknown layout, a
-data root missing or not in its layout (each split is listed), an output that cannot be written (a probe file is
+`check(cfg)` raises ConfigError (or the dataset / storage / encoder error naming the path) for: a data root
+missing or not in its layout (each split is listed), an output that cannot be written (a probe file is
 written and removed), and a sample of the val labels that do not decode to a single-channel map of their image's
 size (labels are never resized).
 """
@@ -56,10 +56,8 @@ def check_labels(samples: list, n: int = LABEL_SAMPLE) -> int:
 
 def check(cfg: Config, stages: list[str] | tuple[str, ...]) -> None:
     """All checks, cheapest first; logs one line with what the data root holds."""
-    from transfgu_dist.io.datasets import READERS, ensure_synthetic, list_samples
+    from transfgu_dist.io.datasets import ensure_synthetic, list_samples
 
-    if cfg.data.layout not in READERS:
-        raise ConfigError(f"key 'data.layout' = {cfg.data.layout!r}: expected one of {', '.join(READERS)}")
     check_output(cfg)
     if cfg.data.root and cfg.data.layout != "synthetic" and not storage.exists(cfg.data.root):
         raise ConfigError(f"data.root={cfg.data.root}: does not exist (expected a '{cfg.data.layout}' dataset root)")
