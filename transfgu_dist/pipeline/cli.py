@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from transfgu_dist.config import DERIVED_SIZES, PRESETS, Config, ConfigError, load_config, to_dict
+from transfgu_dist.config import DERIVED_SIZES, PRESETS, PROFILES, Config, ConfigError, load_config, to_dict
 from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract, lease
@@ -81,7 +81,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     )
     parser.add_argument("--config", help="YAML config (sections as in transfgu_dist/config/schema.py)")
     parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
-    parser.add_argument("--profile", choices=("reference", "paper"), help="reference (default) or paper")
+    parser.add_argument("--profile", choices=tuple(PROFILES), help="reference (default) or paper")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration error")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars on the console")
