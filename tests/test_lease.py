@@ -126,3 +126,65 @@ def test_s3_stale_lease_taken_over_once_and_a_stalled_holder_finds_out(s3_lease)
     assert winner.lost and record(s3_lease)[0]["host"] == "other"  # the stalled holder did not write it back
     winner.release()  # not ours any more: left in place
     assert record(s3_lease)[0]["host"] == "other"
+
+
+# ---- the local take-over race and a stalled holder (fork: the takers start together, no interpreter start-up)
+
+
+def _take(out: str, ttl: float, start, done, results) -> None:
+    """A driver process: wait for the others, try to take the lease, hold it until every taker has tried."""
+    start.wait(30)
+    try:
+        lease = Lease(out, ttl=ttl).acquire()
+        results.put(("held", lease.me["token"]))
+    except LeaseError:
+        results.put(("refused", ""))
+    done.wait(30)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_many_concurrent_takers_exactly_one_holds(tmp_path, stale):
+    """12 processes take one free (or stale: a dead host's expired heartbeat) lease at the same instant, 10 (30)
+    times: every time exactly one holds it, and the lease file names that one. (Taking over a stale lease by delete
+    and create-exclusive gave 2 or 3 holders in 15 of 60 such trials.)"""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    takers, trials, winners = 12, 30 if stale else 10, []
+    for trial in range(trials):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        if stale:
+            (out / LEASE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": time.time() - 100}))
+        start, done, results = ctx.Barrier(takers), ctx.Barrier(takers + 1), ctx.Queue()
+        procs = [ctx.Process(target=_take, args=(str(out), 60.0, start, done, results)) for _ in range(takers)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60) for _ in procs]
+        held = [token for what, token in got if what == "held"]
+        assert json.loads((out / LEASE).read_text())["token"] in held
+        done.wait(30)
+        for p in procs:
+            p.join(30)
+        winners.append(len(held))
+    print(f"\nholders per trial ({takers} takers, {'stale' if stale else 'free'} lease): {winners}")
+    assert winners == [1] * trials
+
+
+def test_a_stalled_holder_finds_out_and_commits_nothing(tmp_path):
+    """The holder's lease is taken over behind its back (it stalled past the ttl): its heartbeat stops without
+    writing the lease back (`lost`), and its next commit fails in one line before writing the commit marker."""
+    from transfgu_dist.io.stage_output import StageOutput
+
+    holder = Lease(str(tmp_path), ttl=0.4).acquire()
+    out = StageOutput(str(tmp_path / "features"))
+    out.commit({})  # ours: committed
+    (tmp_path / LEASE).write_text(json.dumps({"host": "other", "pid": 2, "time": time.time(), "token": "theirs"}))
+    time.sleep(0.3)
+    assert holder.lost and json.loads((tmp_path / LEASE).read_text())["token"] == "theirs"
+    again = StageOutput(str(tmp_path / "bank"))
+    with pytest.raises(LeaseError, match=f"{again.uri}: this driver lost the output .*held now by host other, pid 2"):
+        again.commit({})
+    assert not (tmp_path / "bank" / "_SUCCESS.json").exists()
+    holder.release()  # not ours: left in place
+    assert json.loads((tmp_path / LEASE).read_text())["token"] == "theirs"

@@ -10,12 +10,22 @@ from __future__ import annotations
 import datetime as _dt
 import shutil
 import uuid
+from collections.abc import Callable
 
 from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
 
 SUCCESS_NAME = "_SUCCESS.json"
 TMP_DIR_NAME = "_tmp"
+_fence: Callable[[str], None] | None = None  # StageOutput.commit's check that this driver still holds its output
+
+
+def set_fence(check: Callable[[str], None] | None, replaced: Callable[[str], None] | None = None) -> None:
+    """Set the fencing check every :meth:`StageOutput.commit` runs first (the driver's lease: one that lost its
+    output to another driver raises there); `replaced`: only if that one is set now (None clears it)."""
+    global _fence
+    if replaced is None or _fence == replaced:
+        _fence = check
 
 
 class StageOutput:
@@ -80,6 +90,8 @@ class StageOutput:
         clash = [k for k in self.RESERVED_KEYS if k in manifest]
         if clash:
             raise ValueError(f"manifest keys {clash} are reserved by StageOutput.commit")
+        if _fence is not None:
+            _fence(self.uri)
         doc = {
             **manifest,
             "parts": sorted(self.done_parts()),
@@ -93,10 +105,19 @@ class StageOutput:
         return storage.exists(self.success_uri)
 
     def manifest(self) -> dict:
-        """The committed manifest; :class:`StorageError` if the stage is not committed."""
+        """The committed manifest; :class:`StorageError` if the stage is not committed, or in one line naming the
+        file if it is not a commit record (a JSON object with ``parts`` and ``committed_at``)."""
         try:
-            return storage.read_json(self.success_uri)
+            doc = storage.read_json(self.success_uri)
         except StorageError as exc:
             if not storage.exists(self.success_uri):
                 raise StorageError(self.uri, f"stage output is not committed (no {SUCCESS_NAME})") from exc
             raise
+        if not isinstance(doc, dict) or not set(self.RESERVED_KEYS) <= doc.keys():
+            got = f"keys {', '.join(sorted(doc)) or '(none)'}" if isinstance(doc, dict) else type(doc).__name__
+            raise StorageError(
+                self.success_uri,
+                f"expected a stage's commit record (a JSON object with {' and '.join(self.RESERVED_KEYS)}), got "
+                f"{got}; delete {self.uri} to redo that stage",
+            )
+        return doc

@@ -1,28 +1,36 @@
-"""One driver per output: a lease file `<output>/_LEASE.json` holding the driver's host, pid and heartbeat time.
+"""One driver per output: a lease file `<output>/_LEASE.json` holding the driver's host, pid, heartbeat time and a
+fencing token (a fresh id per holder).
 
-Locally it is created with O_CREAT | O_EXCL (atomic on a local or shared POSIX file system); on S3 with a
-conditional put (`If-None-Match: *`, S3Lease). Of two drivers started together exactly one gets it; the other is
-refused in one line naming the holder. A lease whose holder is gone (same host, pid not alive) or whose heartbeat
-is older than `ttl` seconds is stale and taken over. The holder refreshes the heartbeat every `ttl / 4` seconds
-from a daemon thread and removes the lease on exit.
+Locally every read-check-write of the record runs under an exclusive `fcntl.flock` of `<output>/_LEASE.lock` and
+replaces the record by rename, so of any number of drivers taking a free or stale lease at once exactly one gets
+it; on S3 with conditional puts (`If-None-Match: *`, then `If-Match` on the ETag seen, S3Lease). The other drivers
+are refused in one line naming the holder. A lease whose holder is gone (same host, pid not alive) or whose
+heartbeat is older than `ttl` seconds is stale and taken over. The holder refreshes the heartbeat every `ttl / 4`
+seconds from a daemon thread and removes the lease on exit. A holder that stalled past `ttl` and lost the lease
+finds out at its next heartbeat (`lost`: the heartbeat stops, a warning is logged) and, through the fencing check
+StageOutput.commit runs (`check`), commits nothing more: it stops with one line.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from transfgu_dist.config import ConfigError
-from transfgu_dist.io import s3, storage
+from transfgu_dist.io import s3, stage_output, storage
 from transfgu_dist.io.storage_errors import StorageError
 
-LEASE = "_LEASE.json"
+LEASE, LOCK = "_LEASE.json", "_LEASE.lock"
 log = logging.getLogger(__name__)
 
 
@@ -58,56 +66,110 @@ def _record(me: dict) -> bytes:
 
 
 def _started(lease):
-    """Start `lease`'s heartbeat thread and its release at exit; returns it."""
+    """Start `lease`'s heartbeat thread, its fencing check before every commit and its release at exit; returns
+    it."""
     threading.Thread(target=lease._heartbeat, daemon=True).start()
+    stage_output.set_fence(lease.check)
     atexit.register(lease.release)
     return lease
 
 
+def _identity() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+
+
+def _lost(where: str, holder: dict | None) -> LeaseError:
+    now = f"host {holder.get('host')}, pid {holder.get('pid')}" if holder else "nobody"
+    return LeaseError(
+        f"{where}: this driver lost the output (it stalled past the lease's ttl; held now by {now}); stopped "
+        "before committing anything more"
+    )
+
+
 class Lease:
     def __init__(self, output: str, ttl: float = 600.0):
-        self.path, self.ttl = Path(output) / LEASE, ttl
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.path, self.lock, self.ttl = Path(output) / LEASE, Path(output) / LOCK, ttl
+        self.me = _identity()
+        self.lost = False
         self._stop = threading.Event()
 
-    def _write(self, path: Path) -> None:
-        """Create `path` exclusively with this driver's record (FileExistsError when it exists)."""
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
-            f.write(_record(self.me))
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the exclusive flock of the lock file (re-taken when the file was replaced while this driver
+        waited: a releasing holder removes it)."""
+        while True:
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    def _holder(self) -> dict | None:
+        """The lease record (under the lock); None when there is none. A damaged one is stale from its mtime."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"time": self.path.stat().st_mtime}
+
+    def _write(self) -> None:
+        """This driver's record, written beside the lease and renamed over it (under the lock)."""
+        tmp = self.path.with_name(f".{LEASE}.{self.me['token']}")
+        tmp.write_bytes(_record(self.me))
+        os.replace(tmp, self.path)
+
+    def _ours(self, holder: dict | None) -> bool:
+        return holder is not None and holder.get("token") == self.me["token"]
 
     def acquire(self) -> Lease:
         """Take the lease (or a stale one); LeaseError in one line when a live driver holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                self._write(self.path)
-                break
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text())
-                except (OSError, ValueError):  # being written now, or by a driver killed mid-write
-                    holder = {"time": self.path.stat().st_mtime if self.path.exists() else 0}
-                if not _stale(holder, self.ttl):
-                    raise _refusal(str(self.path), holder) from None
-                self.path.unlink(missing_ok=True)  # stale: take over
-        else:
-            raise LeaseError(f"{self.path}: another driver took the output while this one took over a stale lease")
+        with self._locked():
+            holder = self._holder()
+            if holder is not None and not _stale(holder, self.ttl):
+                raise _refusal(str(self.path), holder)
+            self._write()
         return _started(self)
 
+    def check(self, uri: str = "") -> None:
+        """The fencing check before a commit (of `uri`): LeaseError in one line when the lease is not ours now."""
+        with self._locked():
+            holder = self._holder()
+        if not self._ours(holder):
+            self.lost = True
+            raise _lost(uri or str(self.path), holder)
+
     def _heartbeat(self) -> None:
-        tmp = self.path.with_name(f".{LEASE}.{self.me['pid']}")
         while not self._stop.wait(self.ttl / 4):
-            tmp.unlink(missing_ok=True)
-            self._write(tmp)
-            os.replace(tmp, self.path)  # atomic: a reader never sees a half-written heartbeat
+            with self._locked():
+                holder = self._holder()
+                if not self._ours(holder):
+                    self.lost = True
+                    log.warning(
+                        "%s: the lease was taken over by another driver (this one stalled past %.0f s); "
+                        "this driver commits nothing more",
+                        self.path,
+                        self.ttl,
+                    )
+                    return
+                self._write()
 
     def release(self) -> None:
+        """Remove the lease and its lock file if the lease is still this driver's."""
         self._stop.set()
-        try:
-            if json.loads(self.path.read_text()).get("pid") == self.me["pid"]:
+        stage_output.set_fence(None, self.check)
+        with contextlib.suppress(OSError), self._locked():
+            if self._ours(self._holder()):
                 self.path.unlink()
-        except (OSError, ValueError):
-            pass
+                self.lock.unlink()
 
 
 _CONFLICT = ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
@@ -128,7 +190,7 @@ class S3Lease:
         self.uri, self.ttl = storage.join(output, LEASE), ttl
         self.bucket, self.key = storage.split_s3(self.uri)
         self.client = client or s3.boto3_client()
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.me = _identity()
         self.etag: str | None = None
         self.lost = False
         self._stop = threading.Event()
@@ -183,6 +245,14 @@ class S3Lease:
             raise LeaseError(f"{self.uri}: the lease changed hands twice while this driver tried to take it")
         return _started(self)
 
+    def check(self, uri: str = "") -> None:
+        """The fencing check before a commit (of `uri`): LeaseError in one line when the lease is not ours now."""
+        current = self._holder()
+        holder = current[0] if current else None
+        if holder is None or holder.get("token") != self.me["token"]:
+            self.lost = True
+            raise _lost(uri or self.uri, holder)
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 4):
             try:
@@ -202,6 +272,7 @@ class S3Lease:
     def release(self) -> None:
         """Delete the lease if it is still this driver's (a conditional delete on its ETag)."""
         self._stop.set()
+        stage_output.set_fence(None, self.check)
         if self.etag and not self.lost:
             try:
                 self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
