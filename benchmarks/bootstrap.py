@@ -45,7 +45,7 @@ def write_bank(cfg, k: int, seed: int = 0) -> None:
     from transfgu_dist.config import ARCHS
     from transfgu_dist.io import bank, parts
     from transfgu_dist.io.concepts_file import write_concepts
-    from transfgu_dist.io.datasets import list_samples
+    from transfgu_dist.io.datasets import list_samples, relative_path
     from transfgu_dist.method.concepts import Concepts
     from transfgu_dist.pipeline import contract
 
@@ -67,7 +67,7 @@ def write_bank(cfg, k: int, seed: int = 0) -> None:
         table = pa.table(
             {
                 "image_id": pa.array([s.image_id for s in chunk], pa.string()),
-                "uri": pa.array([s.image for s in chunk], pa.string()),
+                "path": pa.array([relative_path(cfg, s.image) for s in chunk], pa.string()),
                 "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (n, 1)), pa.int32()),
                 **bank.columns(
                     torch.from_numpy(rng.random((n, h, w), dtype=np.float32)),

@@ -77,7 +77,7 @@ def open_png(path: Path) -> Image.Image:
 
 def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypatch):
     cfg = make_config(tmp_path / "run", data_dir)
-    ckpt = save_checkpoint(cfg, tmp_path / "run" / "bootstrap" / "final.pt")
+    save_checkpoint(cfg, tmp_path / "run" / "bootstrap" / "final.pt")
     result = run_evaluate(cfg)
     metrics = result.manifest["metrics"]
     assert result.processed == 6 and result.metrics["miou"] == metrics["miou"]
@@ -86,9 +86,11 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
     assert metrics["n_images"] == 6 and metrics["bad_images"] == ["zzz_broken"] and metrics["n_bad_images"] == 1
-    assert (out / "bad_images.txt").read_text() == "zzz_broken"  # listed like the other stages' skipped images
+    # listed like the other stages' skipped images, with the reason
+    assert (out / "bad_images.txt").read_text() == "zzz_broken\timage or label unreadable"
     assert list(metrics["per_class_iou"]) == list(synthetic.CLASS_NAMES)
-    assert len(metrics["matching"]) == cfg.n_outputs and metrics["checkpoint"] == ckpt
+    assert len(metrics["matching"]) == cfg.n_outputs
+    assert metrics["checkpoint"] == "bootstrap/final.pt"  # relative to the output: a moved one scores its own
     assert open_png(out / "confusion.png").format == "PNG" and open_png(out / "per_class_iou.png").format == "PNG"
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["000000.png", "000001.png"]
     overlay = open_png(out / "overlays" / "000000.png")  # titled image | GT | prediction panels with a legend

@@ -8,6 +8,7 @@ from PIL import Image
 
 from transfgu_dist.config import load_config
 from transfgu_dist.io.concepts_file import load_concepts
+from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract
 from transfgu_dist.pipeline.stages.bootstrap import bank_rows
 
@@ -21,9 +22,9 @@ def test_garbage_concepts_npz_names_the_file(tmp_path):
             np.savez(path, centroids=np.array([{"a": 1}], dtype=object))
         else:
             path.write_bytes(garbage)
-        with pytest.raises(ValueError, match=rf"{path}: expected the cluster stage's \.npz") as e:
+        with pytest.raises(StorageError, match=rf"{path}: expected the cluster stage's \.npz") as e:
             load_concepts(contract.output(cfg, "cluster"))
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and "pickled" not in str(e.value)
 
 
 def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
@@ -36,14 +37,14 @@ def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
     shared = [np.full(h * w, i, np.float32) for i in range(3)]
     batch = {
         "image_id": np.array(["good", "garbled", "deleted"]),
-        "uri": np.array([str(good), str(tmp_path / "garbled.png"), str(tmp_path / "deleted.png")]),
+        "path": np.array(["good.png", "garbled.png", "deleted.png"]),  # relative to data.root
         "grid": np.array([[h, w]] * 3),
         "terms": np.array(terms + [None], dtype=object)[:3],
         "shared": np.array(shared + [None], dtype=object)[:3],
         "scale": np.ones(3, np.float32),
         "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3],
     }
-    cfg = load_config(overrides=["train.image_size=[16, 16]"])
+    cfg = load_config(overrides=["train.image_size=[16, 16]", f"data.root={tmp_path}"])
     rows = bank_rows(batch, cfg)
     assert rows["image"].shape == (1, 16, 16, 3) and rows["image"].min() == 200
     assert rows["terms"].shape == (1, K, h, w) and (rows["terms"] == 0).all()  # the good row's maps

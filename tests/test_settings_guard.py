@@ -48,7 +48,7 @@ def test_one_changed_setting_per_stage_is_refused_by_it_and_every_stage_downstre
     for job in STAGES[: STAGES.index(stage)]:
         settings_guard.check(cfg, [job])  # stages upstream of the change do not depend on it
     # what only changes speed (or the evaluated checkpoint's folder) is not refused
-    settings_guard.check(load_config(overrides=[*base, "crops.batch_size=7", "train.num_workers=3"]), STAGES)
+    settings_guard.check(load_config(overrides=[*base, "crops.batch_size=7", "train.cpus_per_worker=3"]), STAGES)
 
 
 def test_refused_with_config_yaml_deleted(tmp_path):

@@ -53,12 +53,13 @@ def decode(shared: torch.Tensor, terms: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def check_part(uri: str) -> None:
-    """A bank part written in another form (e.g. the older summed fp16 `maps`) fails here in one line."""
+    """A bank part written in another form (e.g. the older summed fp16 `maps`, or absolute image `uri`s instead of
+    `path`s relative to data.root) fails here in one line."""
     fs, path = storage.filesystem(uri)
     names = pq.read_schema(path, filesystem=fs).names
-    if not set(COLUMNS) <= set(names):
+    if not {"path", *COLUMNS} <= set(names):
         raise ValueError(
-            f"{uri}: expected the pseudo-label bank columns {', '.join(COLUMNS)}, got {', '.join(names)} "
+            f"{uri}: expected the pseudo-label bank columns path, {', '.join(COLUMNS)}, got {', '.join(names)} "
             f"(a bank from an older version: rerun pseudo_label)"
         )
 
@@ -77,6 +78,13 @@ def read(out: StageOutput) -> ray.data.Dataset:
     # footer-reading actors per read, seconds of process start-up per epoch on a small node
     ray.data.DataContext.get_current().use_datasource_v2 = False
     return ray.data.read_parquet([storage.filesystem(u)[1] for u in uris], filesystem=fs)
+
+
+def paths(out: StageOutput) -> list[str]:
+    """The image paths (relative to data.root) of the committed bank `out`, one per row."""
+    uris = parts.part_uris(out)
+    check_part(uris[0])
+    return parts.read_table(uris, ["path"]).column("path").to_pylist()
 
 
 def unpack(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -291,6 +291,18 @@ def _restrict(cfg: Config, split: str, samples: list[Sample]) -> list[Sample]:
     return kept
 
 
+def relative_path(cfg: Config, uri: str) -> str:
+    """An image's path relative to `cfg.data_root` (what an output stores, so a moved output or data root keeps
+    working); a URI outside the root is kept whole."""
+    root = cfg.data_root.rstrip("/") + "/"
+    return uri[len(root) :] if uri.startswith(root) else uri
+
+
+def image_uri(cfg: Config, path: str) -> str:
+    """The URI of an image stored as `relative_path` (a whole URI or absolute path is returned as is)."""
+    return path if "://" in path or path.startswith("/") else storage.join(cfg.data_root, path)
+
+
 def list_samples(cfg: Config, split: str) -> list[Sample]:
     """Samples of `split` sorted by id, restricted by the split's id list, truncated to `data.limit`.
 

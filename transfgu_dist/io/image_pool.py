@@ -41,8 +41,8 @@ def load_images(
     batch: dict[str, np.ndarray], size: tuple[int, int], method: str = "antialias"
 ) -> dict[str, np.ndarray]:
     """Ray Data CPU task: read and decode images, resize to `size` (images.to_float_batch `method`); unreadable
-    ones are flagged, not fatal."""
-    images, ok = [], []
+    ones are flagged (`ok` False, the reason in `error`), not fatal."""
+    images, ok, errors = [], [], []
     for uri in batch["uri"]:
         try:
             img = decode_image(storage.read_bytes(uri), uri)
@@ -50,11 +50,13 @@ def load_images(
                 to_float_batch(img, size, method)[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             )
             ok.append(True)
+            errors.append("")
         except (BadImageError, StorageError) as e:
             log.warning("skipping image: %s", e)
             images.append(np.zeros((*size, 3), np.uint8))
             ok.append(False)
-    return {**batch, "image": np.stack(images), "ok": np.array(ok)}
+            errors.append(" ".join(str(e).split()))
+    return {**batch, "image": np.stack(images), "ok": np.array(ok), "error": np.array(errors, dtype=object)}
 
 
 def images_to_device(batch: dict[str, np.ndarray], dev: torch.device) -> torch.Tensor:

@@ -23,7 +23,7 @@ from transfgu_dist.io import storage
 from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.storage_errors import StorageError
 
-IDS_KEY, BAD_KEY = b"transfgu.image_ids", b"transfgu.bad_images"
+IDS_KEY, BAD_KEY, REASONS_KEY = b"transfgu.image_ids", b"transfgu.bad_images", b"transfgu.bad_reasons"
 
 
 def fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
@@ -50,13 +50,17 @@ def part_name(image_ids: Iterable[str], bad: Iterable[str]) -> str:
     return "part-" + hashlib.sha1("\n".join(covered).encode()).hexdigest()[:16] + ".parquet"
 
 
-def write_part(out: StageOutput, table: pa.Table, image_ids: list[str], bad: list[str]) -> str:
-    """Publish `table` as one part covering `image_ids` (bad images included, listed apart)."""
+def write_part(
+    out: StageOutput, table: pa.Table, image_ids: list[str], bad: list[str], reasons: dict[str, str] | None = None
+) -> str:
+    """Publish `table` as one part covering `image_ids` (bad images included, listed apart, with why each could not
+    be read in `reasons`)."""
     name = part_name(image_ids, bad)
     meta = {
         **(table.schema.metadata or {}),
         IDS_KEY: json.dumps(sorted(image_ids)).encode(),
         BAD_KEY: json.dumps(sorted(bad)).encode(),
+        REASONS_KEY: json.dumps({b: (reasons or {}).get(b, "unreadable") for b in sorted(bad)}).encode(),
     }
     buf = io.BytesIO()
     # Floats go BYTE_STREAM_SPLIT, not dictionary-encoded (pyarrow's default): an fp16 column never outgrows its
@@ -77,8 +81,25 @@ def write_part(out: StageOutput, table: pa.Table, image_ids: list[str], bad: lis
 
 
 def _footer(uri: str) -> dict[bytes, bytes]:
+    """A published part's footer metadata; an unreadable part (truncated or overwritten after it was published)
+    fails in one line naming it."""
     fs, path = storage.filesystem(uri)
-    return pq.read_schema(path, filesystem=fs).metadata or {}
+    try:
+        return pq.read_schema(path, filesystem=fs).metadata or {}
+    except (OSError, pa.ArrowException) as e:
+        raise StorageError(
+            uri, f"part footer unreadable ({str(e).splitlines()[0]}); delete this part to recompute its images"
+        ) from e
+
+
+def bad_reasons(out: StageOutput, cover: dict[str, tuple[set[str], set[str]]]) -> dict[str, str]:
+    """Bad image id -> why it could not be read, from the footers of the parts of `cover` that have bad images."""
+    found = {}
+    for name, (_, bad) in sorted(cover.items()):
+        if bad:
+            recorded = json.loads(_footer(out.part_uri(name)).get(REASONS_KEY, b"{}"))
+            found.update({b: recorded.get(b, "unreadable") for b in bad})
+    return found
 
 
 def coverage(out: StageOutput) -> dict[str, tuple[set[str], set[str]]]:

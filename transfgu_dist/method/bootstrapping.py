@@ -83,11 +83,15 @@ class Bootstrapper:
             "teacher": self.teacher.state_dict() if self.teacher else None,
             "round": round_,
             "epoch": epoch,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "gen": self.gen.get_state(),
-                "cuda": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
-            },
+            "rng": self.rng_state(),
+        }
+
+    def rng_state(self) -> dict[str, torch.Tensor | None]:
+        """This worker's random number streams (each rank has its own: `gen` is seeded with train.seed + rank)."""
+        return {
+            "torch": torch.get_rng_state(),
+            "gen": self.gen.get_state(),
+            "cuda": torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
         }
 
     def load(self, state: dict[str, Any]) -> None:

@@ -203,7 +203,9 @@ def log_model(cfg: Config, results: dict[str, StageResult]) -> str:
 
     scored = results.get("evaluate")
     final = storage.join(results["bootstrap"].uri, results["bootstrap"].manifest["final"])
-    checkpoint = scored.manifest["metrics"]["checkpoint"] if scored else final
+    from transfgu_dist.pipeline.stages.evaluate import scored_checkpoint
+
+    checkpoint = scored_checkpoint(cfg, scored.manifest["metrics"]["checkpoint"]) if scored else final
     metrics = storage.join(scored.uri, "metrics.json") if scored else None
     return log_mlflow_model(Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics))
 
@@ -218,17 +220,19 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
     cfg, weights = preflight(args, stages)
     from transfgu_dist.pipeline import tracking
     from transfgu_dist.pipeline.console import native_ray_lines_hidden
+    from transfgu_dist.pipeline.failures import Reported
     from transfgu_dist.pipeline.ray_setup import init_ray
 
     init_ray(args.address, verbose=args.verbose)
     tracking.close_orphans(cfg)
     results, timings = {}, {}
     run_name = "+".join(stages) if len(stages) < 5 else "run_all"
-    with native_ray_lines_hidden(not args.verbose), tracking.run(cfg, run_name):
+    with Reported(args.debug) as failure, native_ray_lines_hidden(not args.verbose), tracking.run(cfg, run_name):
         import mlflow
 
         mlflow.set_tag("weights", weights)
         for name in stages:
+            failure.stage = name
             with tracking.run(cfg, name, nested=True, sections=STAGES[name].inputs) as active:
                 start = time.perf_counter()
                 log.info("stage %s: starting (output %s)", name, cfg.output)

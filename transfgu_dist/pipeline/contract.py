@@ -47,14 +47,14 @@ STAGES: dict[str, Stage] = {
     )
 }
 
-# Settings that change how fast a stage runs, or where it reads from, not what it writes.
+# Settings that change how fast a stage runs, or where it reads from, not what it writes (tests/test_speed_keys.py
+# runs each at two values). Not among them: pseudo.batch_size and pseudo.images_per_part (the reference's Grad-CAM
+# loss is a mean over a batch of pseudo.batch_size images of one part, so they change the bank) and
+# train.num_workers (each worker trains on its shard with its own augmentation stream).
 RESOURCE_KEYS = {
     "crops.batch_size",
     "crops.images_per_task",
     "crops.images_per_part",
-    "pseudo.batch_size",
-    "pseudo.images_per_part",
-    "train.num_workers",
     "train.cpus_per_worker",
     "train.use_gpu",
     "train.max_failures",

@@ -18,11 +18,12 @@ from transfgu_dist.pipeline.contract import StageResult
 log = logging.getLogger(__name__)
 
 
-def list_bad_images(out: StageOutput, bad: list[str], total: int) -> None:
-    """`<out>/bad_images.txt`, one image id a line, and one warning, when some of the `total` images were skipped."""
+def list_bad_images(out: StageOutput, bad: dict[str, str], total: int) -> None:
+    """`<out>/bad_images.txt`, one `image id<TAB>reason` a line, and one warning with their count, when some of the
+    `total` images were skipped."""
     if bad:
         listed = storage.join(out.uri, "bad_images.txt")
-        storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
+        storage.write_bytes(listed, "\n".join(f"{i}\t{bad[i]}" for i in sorted(bad)).encode())
         log.warning("%s: skipped %d unreadable images of %d (listed in %s)", out.uri, len(bad), total, listed)
 
 
@@ -49,6 +50,7 @@ def run_image_stage(
     images_per_part: int,
     extra_manifest: dict[str, Any],
     resize: str = "antialias",
+    gone: dict[str, str] | None = None,
 ) -> StageResult:
     """Map `actor` over the images not yet covered by a committed part of `out` (resized to `size` by `resize`,
     images.to_float_batch), then commit `out`.
@@ -58,6 +60,7 @@ def run_image_stage(
     writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part
     covers, and each image is left in exactly one part before the commit (parts.deduplicate). The actor returns
     one row per part with its number of `images` (unreadable ones included), counted on the `stage`'s progress.
+    `gone`: images an upstream stage covered that are no longer listed (id -> reason), recorded as bad ones.
     """
     if out.is_committed():
         return image_result(stage, out, out.manifest(), 0)
@@ -91,7 +94,8 @@ def run_image_stage(
         raise RuntimeError(
             f"{out.uri}: {len(missing)} images were not processed, e.g. {[s.image_id for s in missing[:3]]}"
         )
-    list_bad_images(out, bad, len(samples))
+    bad = {**(gone or {}), **parts.bad_reasons(out, cover)}
+    list_bad_images(out, bad, len(samples) + len(gone or {}))
     manifest = out.commit(
         {"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover), **extra_manifest}
     )

@@ -78,7 +78,7 @@ def _check_parts(cfg: Config, name: str) -> None:
         fs, path = storage.filesystem(uri)
         try:
             meta = pq.read_schema(path, filesystem=fs).metadata or {}
-        except OSError:  # unreadable: the resume's part checks (parts.py) report it
+        except (OSError, ValueError):  # unreadable (ArrowInvalid is a ValueError): the resume's part checks report it
             continue
         recorded = json.loads(meta[SETTINGS_KEY]) if SETTINGS_KEY in meta else None
         if diff := changes(recorded, current):

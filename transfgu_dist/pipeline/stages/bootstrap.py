@@ -28,9 +28,10 @@ from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.io import bank, storage
 from transfgu_dist.io.concepts_file import load_concepts
-from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.datasets import image_uri, list_samples
 from transfgu_dist.io.image_pool import cluster_gpus, images_to_device, load_images
 from transfgu_dist.io.label_maps import IGNORE
+from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.bootstrapping import Bootstrapper, alpha_at, selection_score
 from transfgu_dist.method.metrics import confusion_matrix, scores_from_confusion
@@ -47,9 +48,14 @@ FAULT_ENV = "TRANSFGU_FAIL_ONCE_AT_EPOCH"  # chaos testing: "<epoch>:<marker fil
 
 def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
     """Ray Data CPU task: bank rows joined with their decoded images, map terms reshaped to (K, h, w) (decoded to
-    fp32 maps on the trainer, transfgu_dist.io.bank, so fp16 terms cross the object store). Rows whose image
-    can no longer be read (deleted or garbled since pseudo_label) are dropped, not trained on as black images."""
-    batch = load_images(batch, cfg.train.image_size, resizing(cfg.data).images)
+        fp32 maps on the trainer, transfgu_dist.io.bank, so fp16 terms cross the object store); the images are found
+    under data.root by the bank's relative `path`. Rows whose image
+        can no longer be read (deleted or garbled since pseudo_label) are dropped, not trained on as black images."""
+    batch = load_images(
+        {**batch, "uri": np.array([image_uri(cfg, p) for p in batch["path"]])},
+        cfg.train.image_size,
+        resizing(cfg.data).images,
+    )
     ok = batch["ok"]
     if not ok.all():
         log.warning(
@@ -68,6 +74,33 @@ def training_dataset(cfg: Config) -> ray.data.Dataset:
     if cfg.train.epoch_repeat > 1:  # reference: VOC and Cityscapes see their training set 20 times per epoch
         ds = ds.union(*[ds] * (cfg.train.epoch_repeat - 1))
     return ds.map_batches(bank_rows, fn_kwargs={"cfg": cfg}, batch_size=cfg.train.batch_size, num_cpus=1)
+
+
+MIN_IMAGES = 0.9  # bootstrap refuses to train on fewer than this fraction of its bank's images
+
+
+def check_images(cfg: Config) -> None:
+    """Before training: one line naming the count and the likely cause when fewer than MIN_IMAGES of the bank's
+    images are under data.root (a moved data root, an output copied without its data); a warning for any missing
+    (their rows are dropped from training)."""
+    out = contract.output(cfg, "pseudo_label")
+    wanted = [image_uri(cfg, p) for p in bank.paths(out)]
+    there = set(storage.list_files(cfg.data_root))
+    missing = [u for u in wanted if u not in there]
+    if len(wanted) - len(missing) < max(1, MIN_IMAGES * len(wanted)):
+        raise StorageError(
+            cfg.data_root,
+            f"{len(missing)} of the {len(wanted)} images of the bank {out.uri} are not there (e.g. {missing[0]}); "
+            f"bootstrap trains on at least {MIN_IMAGES:.0%} of them: was data.root moved or the output copied "
+            f"without its data? Give data.root=<where the images are>",
+        )
+    if missing:
+        log.warning(
+            "bootstrap: %d of the %d bank images are gone (not trained on), e.g. %s",
+            len(missing),
+            len(wanted),
+            missing[0],
+        )
 
 
 def _maybe_fail(epoch: int) -> None:
@@ -99,6 +132,19 @@ def validate(boot: Bootstrapper, shard: ray.data.DataIterator) -> dict[str, floa
     return {"val/miou": scores.miou, "val/pixel_accuracy": scores.pixel_accuracy}
 
 
+def load_state(folder: Path, uri: str, dev: torch.device | str, name: str = "state.pt") -> dict[str, Any]:
+    """A Ray Train checkpoint file (`uri`: the checkpoint's storage path); an unreadable one fails in one line
+    naming it."""
+    try:
+        return torch.load(folder / name, map_location=dev, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch.load raises anything an unpickler can (UnpicklingError, EOFError, ...)
+        raise StorageError(
+            storage.join(uri, name),
+            f"not a readable Ray Train checkpoint file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"delete {uri.rsplit('/', 1)[0]} to restart training",
+        ) from None
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop."""
     cfg: Config = config["cfg"]
@@ -116,7 +162,9 @@ def train_loop(config: dict[str, Any]) -> None:
     round_, epoch = 0, 0
     if (ckpt := ray.train.get_checkpoint()) is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=boot.dev, weights_only=False)
+            state = load_state(Path(d), ckpt.path, boot.dev)
+            if (Path(d) / f"rng-{ctx.get_world_rank()}.pt").exists():  # this rank's own streams
+                state["rng"] = load_state(Path(d), ckpt.path, boot.dev, f"rng-{ctx.get_world_rank()}.pt")
         boot.load(state)
         round_, epoch = state["round"], state["epoch"] + 1
         best = state["best"]
@@ -171,12 +219,11 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["epoch_seconds"] = time.perf_counter() - started  # training and validation
         if rank0 and mlflow_run:
             log_epoch(*mlflow_run, metrics, step=global_epoch)
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
+        with tempfile.TemporaryDirectory() as d:  # Ray Train merges every rank's files into one checkpoint
+            torch.save(boot.rng_state(), Path(d) / f"rng-{ctx.get_world_rank()}.pt")
             if rank0:
                 torch.save({**boot.state(round_, epoch), "best": best}, Path(d) / "state.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         epoch += 1
         global_epoch += 1
 
@@ -226,9 +273,15 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     tags = {"checkpoint": out.part_uri("final.pt")}
     if out.is_committed():
         return StageResult("bootstrap", out.uri, out.manifest(), tags=tags)
+    check_images(cfg)
     settings_guard.prepare_train_dir(cfg)
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
         result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
+    if result.metrics and not result.metrics["steps"]:
+        raise RuntimeError(
+            f"{out.uri}: the last epoch ran 0 optimizer steps (every bank row dropped: images unreadable?); "
+            "not committed"
+        )
     last = len(cfg.train.round_epochs) - 1
     out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
     best = export_best(cfg, result.checkpoint)
@@ -254,7 +307,7 @@ def export_best(cfg: Config, checkpoint: ray.train.Checkpoint | None) -> dict[st
     if checkpoint is None:
         return {}
     with checkpoint.as_directory() as d:
-        best = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)["best"]
+        best = load_state(Path(d), checkpoint.path, "cpu")["best"]
     if "decoder" not in best:  # no validation ran (train.eval_every=0)
         return {}
     _export(cfg, best["decoder"], best["round"], "best.pt")

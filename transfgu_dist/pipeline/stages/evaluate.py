@@ -38,6 +38,18 @@ def default_checkpoint(cfg: Config) -> str:
     return storage.join(cfg.output, "bootstrap", name) if name else cfg.eval.checkpoint
 
 
+def relative_checkpoint(cfg: Config, uri: str) -> str:
+    """The scored checkpoint as the manifest records it: relative to the output when inside it (a moved or copied
+    output scores and logs its own model), else the URI."""
+    root = cfg.output.rstrip("/") + "/"
+    return uri[len(root) :] if uri.startswith(root) else uri
+
+
+def scored_checkpoint(cfg: Config, recorded: str) -> str:
+    """The URI of a checkpoint recorded by `relative_checkpoint`."""
+    return recorded if "://" in recorded or recorded.startswith("/") else storage.join(cfg.output, recorded)
+
+
 def class_names(cfg: Config) -> list[str]:
     """Ground-truth class names: the synthetic ones, `<data root>/classes.txt` (one a line), the label table's
     (label_maps), else `class_<i>`."""
@@ -94,7 +106,7 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     )
     rows = list(track(ds.iter_rows(), "evaluate", len(samples), lambda r: int(r["n_images"]) + len(bad_ids(r))))
     n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in bad_ids(r))
-    list_bad_images(out, bad, len(samples))
+    list_bad_images(out, dict.fromkeys(bad, "image or label unreadable"), len(samples))
     if not n_images:
         raise RuntimeError(f"{cfg.data.val_split}: none of the {len(samples)} validation images could be read")
     scores = scores_from_confusion(sum(r["confusion"] for r in rows))  # one matching over the whole split
@@ -107,7 +119,7 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
         "n_images": n_images,
         "n_bad_images": len(bad),
         "bad_images": bad,
-        "checkpoint": checkpoint,
+        "checkpoint": relative_checkpoint(cfg, checkpoint),
     }
     from transfgu_dist.pipeline.table3 import table3  # imports this module
 

@@ -92,7 +92,7 @@ class CropEncoder:
             metadata=self.settings,
         )
         bad = [str(i) for i in batch["image_id"][~ok]]
-        name = parts.write_part(self.out, table, ids, bad)
+        name = parts.write_part(self.out, table, ids, bad, dict(zip(bad, batch["error"][~ok])))
         return {
             "part": np.array([name]),
             "images": np.array([len(batch["image_id"])]),

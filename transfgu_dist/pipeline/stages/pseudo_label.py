@@ -1,7 +1,8 @@
 """Stage 3, pseudo-label: the bank of Grad-CAM response maps of all K concepts for every training image (Eqs 5-7).
 
-One Parquet row per image: image_id, uri, grid (h, w), the raw M^k of Eq. 7 as shared, terms and scale
-(transfgu_dist.io.bank: fp16 size, fp32 labels) and fg_prior (h*w bool: the binarised A_L^cls).
+One Parquet row per image: image_id, path (relative to data.root: a moved output or data root keeps working), grid
+(h, w), the raw M^k of Eq. 7 as shared, terms and scale (transfgu_dist.io.bank: fp16 size, fp32 labels) and fg_prior
+(h*w bool: the binarised A_L^cls).
 T_bg, normalisation and argmax are applied when loading
 (transfgu_dist.method.targets), so they can change without recomputing the bank.
 """
@@ -15,7 +16,7 @@ import torch
 from transfgu_dist.config import Config
 from transfgu_dist.io import bank, parts
 from transfgu_dist.io.concepts_file import load_concepts
-from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.datasets import list_samples, relative_path
 from transfgu_dist.io.image_pool import actor_device, images_to_device
 from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.weights import build_encoder
@@ -56,20 +57,27 @@ class ConceptMapper:
         table = pa.table(
             {
                 "image_id": pa.array(ids, pa.string()),
-                "uri": pa.array([str(u) for u in batch["uri"][ok]], pa.string()),
+                "path": pa.array([relative_path(self.cfg, str(u)) for u in batch["uri"][ok]], pa.string()),
                 "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (len(ids), 1)), pa.int32()),
                 **bank.columns(shared, terms),
                 "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
             },
             metadata=self.settings,
         )
-        name = parts.write_part(self.out, table, ids, [str(i) for i in batch["image_id"][~ok]])
+        bad = [str(i) for i in batch["image_id"][~ok]]
+        name = parts.write_part(self.out, table, ids, bad, dict(zip(bad, batch["error"][~ok])))
         return {"part": np.array([name]), "images": np.array([len(batch["image_id"])])}
 
 
 def run_pseudo_label(cfg: Config) -> StageResult:
+    """The bank of every training image; images extract covered that are gone since are listed as bad. The
+    concepts are read here first, so a damaged concepts file fails in one line before any actor starts."""
     out = contract.output(cfg, "pseudo_label")
+    load_concepts(contract.output(cfg, "cluster"))
     samples = list_samples(cfg, cfg.data.train_split)
+    listed = {s.image_id for s in samples}
+    extracted = set().union(*parts.processed_ids(contract.output(cfg, "extract")))
+    gone = dict.fromkeys(sorted(extracted - listed), "image file gone since extract (deleted or moved)")
     return run_image_stage(
         "pseudo_label",
         out,
@@ -87,4 +95,5 @@ def run_pseudo_label(cfg: Config) -> StageResult:
             "settings": settings_guard.record(cfg, "pseudo_label"),
         },
         resizing(cfg.data).full,
+        gone,
     )
