@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from transfgu_dist.config import load_config
+from transfgu_dist.io import parts
 from transfgu_dist.io.concepts_file import load_concepts
+from transfgu_dist.io.datasets import image_uri, relative_path
+from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract
 from transfgu_dist.pipeline.stages.bootstrap import bank_rows
@@ -72,3 +76,36 @@ def test_garbage_config_yaml_names_the_file(tmp_path):
         with pytest.raises(ConfigError, match=f"{tmp_path / 'config.yaml'}: {expected}") as e:
             check_output(cfg, ["extract"])
         assert "\n" not in str(e.value)
+
+
+def test_image_paths_relative_to_the_data_root():
+    cfg = load_config(overrides=["data.root=/data/coco", "output=/runs/a"])
+    assert relative_path(cfg, "/data/coco/images/train2017/1.jpg") == "images/train2017/1.jpg"
+    assert image_uri(cfg, "images/train2017/1.jpg") == "/data/coco/images/train2017/1.jpg"
+    assert relative_path(cfg, "/elsewhere/1.jpg") == image_uri(cfg, "/elsewhere/1.jpg") == "/elsewhere/1.jpg"
+    moved = load_config(overrides=["output=/runs/b"])  # synthetic data under the output: follows it
+    assert image_uri(moved, "images/train/000001.png") == "/runs/b/data/images/train/000001.png"
+    s3 = load_config(overrides=["data.root=s3://bucket/voc/"])
+    assert relative_path(s3, "s3://bucket/voc/JPEGImages/a.jpg") == "JPEGImages/a.jpg"
+    assert image_uri(s3, "JPEGImages/a.jpg") == "s3://bucket/voc/JPEGImages/a.jpg"
+
+
+def test_bad_images_keep_their_reasons(tmp_path):
+    out = StageOutput(str(tmp_path / "bank"))
+    name = parts.write_part(out, pa.table({"image_id": ["a"]}), ["a"], ["b", "c"], {"b": "b.png: not an image"})
+    cover = parts.coverage(out)
+    assert cover[name] == ({"a"}, {"b", "c"})
+    assert parts.bad_reasons(out, cover) == {"b": "b.png: not an image", "c": "unreadable"}
+
+
+@pytest.mark.parametrize("record, got", [("[]", "list"), ("{}", "keys (none)"), ('{"settings": {}}', "keys settings")])
+def test_commit_record_of_another_form_names_the_file(tmp_path, record, got):
+    out = StageOutput(str(tmp_path / "features"))
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "_SUCCESS.json").write_text(record)
+    with pytest.raises(StorageError) as e:
+        out.manifest()
+    assert str(e.value) == (
+        f"{out.success_uri}: expected a stage's commit record (a JSON object with parts and committed_at), got {got}; "
+        f"delete {out.uri} to redo that stage"
+    )

@@ -130,3 +130,18 @@ def test_single_stage_job_keeps_other_stages_recorded_settings(tmp_path):
     check_output(cfg, STAGES)
     check_output(load_config(overrides=[*base, "eval.n_overlays=5"]), ["extract"])
     assert load_config(tmp_path / "config.yaml").eval.n_overlays == 2
+
+
+@pytest.mark.parametrize(
+    "key, values",
+    [("pseudo.batch_size", (4, 3)), ("pseudo.images_per_part", (6, 4)), ("train.num_workers", (1, 2))],
+)
+def test_keys_that_change_outputs_are_settings_inputs(tmp_path, key, values):
+    """pseudo.batch_size and pseudo.images_per_part cut the Grad-CAM batches whose loss the reference averages
+    (test_fidelity: 1/len(batch)); train.num_workers shards the data and the augmentation streams. A resume with
+    another value is refused, naming the key."""
+    stage = contract.STAGES["bootstrap" if key.startswith("train.") else "pseudo_label"].name
+    old, new = (load_config(overrides=[f"output={tmp_path}", f"{key}={v}"]) for v in values)
+    assert settings_guard.changes(settings_guard.record(old, stage), settings_guard.record(new, stage)) == [
+        f"{key}: {values[0]} -> {values[1]}"
+    ]
