@@ -280,14 +280,15 @@ def test_table3_scores_the_bank_argmax(tmp_path):
     s, t, scale = bank.encode(torch.full((3, 2, 2), 0.5), terms)
     batch = {
         "image_id": np.array(["a", "b", "c"]),
-        "uri": np.array([str(tmp_path / f"{i}.png") for i in "abc"]),
+        "path": np.array([f"{i}.png" for i in "abc"]),  # relative to data.root
         "grid": np.array([[2, 2]] * 3),
         "shared": s,
         "terms": t,
         "scale": scale,
         "fg_prior": np.ones((3, 4), bool),
     }
-    cfg = load_config(overrides=["eval.image_size=[8, 8]", "data.n_classes=2", "cluster.k_fg=1", "cluster.k_bg=1"])
+    keys = ["eval.image_size=[8, 8]", "data.n_classes=2", "cluster.k_fg=1", "cluster.k_bg=1", f"data.root={tmp_path}"]
+    cfg = load_config(overrides=keys)
     labels = {i: str(tmp_path / f"{i}_gt.png") for i in "ab"}
     conf = bank_confusion(batch, cfg, None, labels)["confusion"][0]
     assert conf.tolist() == [[0, 64], [64, 0]]
@@ -305,10 +306,10 @@ def test_old_bank_part_named(tmp_path):
     pq.write_table(pa.table({"image_id": ["a"], "maps": fixed_list(np.ones((1, 4), np.float16), pa.float16())}), old)
     with pytest.raises(
         ValueError,
-        match=r"part-old.parquet: expected the pseudo-label bank columns shared, terms, "
+        match=r"part-old.parquet: expected the pseudo-label bank columns path, shared, terms, "
         r"scale, got image_id, maps \(a bank from an older version: rerun pseudo_label\)",
     ):
         bank.check_part(str(old))
     new = tmp_path / "part-new.parquet"
-    pq.write_table(pa.table(bank.columns(torch.ones(1, 2, 2), torch.zeros(1, 3, 2, 2))), new)
+    pq.write_table(pa.table({"path": ["a.png"], **bank.columns(torch.ones(1, 2, 2), torch.zeros(1, 3, 2, 2))}), new)
     bank.check_part(str(new))

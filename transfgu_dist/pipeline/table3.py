@@ -19,7 +19,7 @@ from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import load_decoder
 from transfgu_dist.io import bank, storage
 from transfgu_dist.io.concepts_file import load_concepts
-from transfgu_dist.io.datasets import Sample, list_samples
+from transfgu_dist.io.datasets import Sample, image_uri, list_samples
 from transfgu_dist.io.image_pool import actor_pool
 from transfgu_dist.io.label_maps import IGNORE, table_name
 from transfgu_dist.method.metrics import confusion_matrix, scores_from_confusion
@@ -37,6 +37,7 @@ def bank_confusion(
     keep = np.isin(batch["image_id"], list(labels))
     batch = {k: v[keep] for k, v in batch.items()}
     batch["label"] = np.array([labels[i] for i in batch["image_id"]], dtype=object)
+    batch["uri"] = np.array([image_uri(cfg, p) for p in batch["path"]], dtype=object)
     size = tuple(cfg.eval.image_size)
     if not keep.any():
         return {"confusion": np.zeros((1, cfg.data.n_classes, cfg.n_outputs), np.int64)}

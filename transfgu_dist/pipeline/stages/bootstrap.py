@@ -277,7 +277,7 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     settings_guard.prepare_train_dir(cfg)
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
         result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
-    if result.metrics and not result.metrics["steps"]:
+    if result.metrics and result.metrics.get("steps") == 0:
         raise RuntimeError(
             f"{out.uri}: the last epoch ran 0 optimizer steps (every bank row dropped: images unreadable?); "
             "not committed"
