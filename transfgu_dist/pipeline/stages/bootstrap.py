@@ -48,9 +48,9 @@ FAULT_ENV = "TRANSFGU_FAIL_ONCE_AT_EPOCH"  # chaos testing: "<epoch>:<marker fil
 
 def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
     """Ray Data CPU task: bank rows joined with their decoded images, map terms reshaped to (K, h, w) (decoded to
-        fp32 maps on the trainer, transfgu_dist.io.bank, so fp16 terms cross the object store); the images are found
-    under data.root by the bank's relative `path`. Rows whose image
-        can no longer be read (deleted or garbled since pseudo_label) are dropped, not trained on as black images."""
+    fp32 maps on the trainer, transfgu_dist.io.bank, so fp16 terms cross the object store); the images are found
+    under data.root by the bank's relative `path`. Rows whose image can no longer be read (deleted or garbled since
+    pseudo_label) are dropped, not trained on as black images."""
     batch = load_images(
         {**batch, "uri": np.array([image_uri(cfg, p) for p in batch["path"]])},
         cfg.train.image_size,
@@ -278,9 +278,10 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
         result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
     if result.metrics and result.metrics.get("steps") == 0:
-        raise RuntimeError(
-            f"{out.uri}: the last epoch ran 0 optimizer steps (every bank row dropped: images unreadable?); "
-            "not committed"
+        raise storage.StorageError(
+            cfg.data_root,
+            f"none of the bank's images could be read there: bootstrap's last epoch ran 0 optimizer steps; "
+            f"{out.uri} not committed",
         )
     last = len(cfg.train.round_epochs) - 1
     out.write_part("final.pt", storage.read_bytes(out.part_uri(f"round-{last}.pt")))
