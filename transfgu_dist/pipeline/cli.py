@@ -83,7 +83,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--preset", help="dataset preset (default: synthetic, or the file's `preset`)")
     parser.add_argument("--profile", choices=tuple(PROFILES), help="reference (default) or paper")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or a local Ray started here)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration error")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a configuration error or a failure")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars on the console")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_intermixed_args(argv)
