@@ -47,7 +47,7 @@ STAGES: dict[str, Stage] = {
     )
 }
 
-# Settings that change how fast a stage runs, or where it reads from, not what it writes (tests/test_speed_keys.py
+# Settings that change how fast a stage runs, or where it reads from, not what it writes (tests/test_reliability_runs.py
 # runs each at two values). Not among them: pseudo.batch_size and pseudo.images_per_part (the reference's Grad-CAM
 # loss is a mean over a batch of pseudo.batch_size images of one part, so they change the bank) and
 # train.num_workers (each worker trains on its shard with its own augmentation stream).
