@@ -109,3 +109,32 @@ def test_commit_record_of_another_form_names_the_file(tmp_path, record, got):
         f"{out.success_uri}: expected a stage's commit record (a JSON object with parts and committed_at), got {got}; "
         f"delete {out.uri} to redo that stage"
     )
+
+
+def test_each_rank_resumes_its_own_random_streams():
+    """Rank r's augmentation stream is seeded with train.seed + r: restored from its own saved state it continues
+    bit for bit (the Train loop saves rng-<rank>.pt per rank), restored from rank 0's it does not."""
+    import torch
+
+    from transfgu_dist.io.weights import build_encoder
+    from transfgu_dist.method.bootstrapping import Bootstrapper
+
+    cfg = load_config(overrides=["encoder.arch=vit_tiny_test", "encoder.weights=random"])
+    is_fg = np.arange(cfg.n_concepts) < cfg.cluster.k_fg
+
+    def worker(rank: int) -> Bootstrapper:
+        return Bootstrapper(cfg, build_encoder(cfg.encoder), is_fg, torch.device("cpu"), rank=rank)
+
+    def draws(boot: Bootstrapper) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.rand(4, generator=boot.gen), torch.rand(4)  # augmentations, dropout
+
+    zero, one = worker(0), worker(1)
+    draws(zero), draws(one)  # epoch 0
+    saved = {0: {**zero.state(0, 0), "best": {}}, 1: one.rng_state()}
+    expected = draws(one)  # rank 1's epoch 1, uninterrupted
+    resumed = worker(1)
+    resumed.load({**saved[0], "rng": saved[1]})
+    assert all(torch.equal(a, b) for a, b in zip(draws(resumed), expected))
+    wrong = worker(1)
+    wrong.load(saved[0])  # rank 0's streams
+    assert not torch.equal(draws(wrong)[0], expected[0])
