@@ -3,6 +3,8 @@ exit 2 with the message, other exceptions exit 1 with the cause and where the tr
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from ray.exceptions import RayTaskError
 from ray.train import ControllerError, WorkerGroupError
@@ -46,3 +48,40 @@ def test_reported_exits_unless_debug(capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: /out/bootstrap/final.pt: not a")
     with pytest.raises(StorageError), Reported(debug=True):
         raise StorageError("/x", "y")
+
+
+def test_storage_error_crosses_a_process_boundary():
+    """Ray pickles what a worker raised: the driver gets the same StorageError back (not a TypeError)."""
+    error = pickle.loads(pickle.dumps(StorageError("/out/ray_train/state.pt", "not a readable checkpoint")))
+    assert type(error) is StorageError and str(error) == "/out/ray_train/state.pt: not a readable checkpoint"
+    assert error.uri == "/out/ray_train/state.pt"
+
+
+def test_what_a_ray_task_or_train_worker_raised_is_the_cause(tmp_path):
+    """On a real local Ray: a task's and a Ray Train worker's StorageError come back unwrapped, one line, exit 2."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def _raises_storage_error(config=None):  # defined here: shipped to the workers by value
+        raise StorageError("/out/ray_train/bootstrap/checkpoint_0/state.pt", "not a readable Ray Train checkpoint file")
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(Exception) as task:
+            ray.get(ray.remote(_raises_storage_error).remote())
+        trainer = TorchTrainer(
+            _raises_storage_error,
+            scaling_config=ray.train.ScalingConfig(num_workers=1),
+            run_config=ray.train.RunConfig(
+                storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=0)
+            ),
+        )
+        with pytest.raises(Exception) as train:
+            trainer.fit()
+    finally:
+        ray.shutdown()
+    for raised in (task.value, train.value):
+        root = cause(raised)
+        assert type(root) is StorageError and root.uri.endswith("checkpoint_0/state.pt"), repr(raised)[:500]
+        assert report(raised, "bootstrap") == 2

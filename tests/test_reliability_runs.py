@@ -164,21 +164,14 @@ def test_commit_record_of_another_form_is_one_line(e2e_run, tmp_path, record):
 
 
 def test_speed_only_keys_leave_the_outputs_unchanged(e2e_run, tmp_path):
-    """Every key of contract.RESOURCE_KEYS at a second value: the extract keys on a fresh extract, the train and
-    eval keys on bootstrap and evaluate; features, decoders and scores equal the shared run's bit for bit.
-    eval.checkpoint and eval.crf write to another folder; train.use_gpu needs a GPU (not run here)."""
+    """Every key of contract.RESOURCE_KEYS at another value, on bootstrap and evaluate: decoders and scores equal
+    the shared run's bit for bit. eval.checkpoint and eval.crf write to another folder; train.use_gpu needs a GPU
+    (not run here). (The crops batch and part sizes, run so on a fresh extract, changed 202 of 872 crop features by
+    up to 1.1e-6: they are settings inputs.)"""
     from transfgu_dist.config import load_config
-    from transfgu_dist.io.parts import read_table
     from transfgu_dist.pipeline.contract import RESOURCE_KEYS, folder_uri
 
-    changed = {
-        "crops.batch_size": "5",
-        "crops.images_per_task": "2",
-        "crops.images_per_part": "4",
-        "train.cpus_per_worker": "0.5",
-        "train.max_failures": "0",
-        "eval.batch_size": "4",
-    }
+    changed = {"train.cpus_per_worker": "0.5", "train.max_failures": "0", "eval.batch_size": "4"}
     folders = {"eval.checkpoint": "best", "eval.crf": "true"}
     assert set(changed) | set(folders) | {"train.use_gpu"} == RESOURCE_KEYS
     for key, value in folders.items():
@@ -186,16 +179,8 @@ def test_speed_only_keys_leave_the_outputs_unchanged(e2e_run, tmp_path):
             load_config(), "evaluate"
         )
 
-    def features(out: Path):
-        table = read_table([str(p) for p in sorted((out / "features").glob("part-*.parquet"))])
-        return table.sort_by([("image_id", "ascending"), ("beta", "ascending"), ("fg_fraction", "ascending")])
-
-    crops = [f"{k}={v}" for k, v in changed.items() if k.startswith("crops.")]
-    job("extract", f"output={tmp_path / 'extract'}", f"data.root={e2e_run / 'data'}", *SMALL, *crops)
-    assert features(tmp_path / "extract").equals(features(e2e_run))
-
     out = copy(e2e_run, tmp_path / "train", "data", "features", "concepts", "bank")
-    job("run_all", f"output={out}", *SMALL, *(f"{k}={v}" for k, v in changed.items() if not k.startswith("crops.")))
+    job("run_all", f"output={out}", *SMALL, *(f"{k}={v}" for k, v in changed.items()))
     for name in ("final.pt", "best.pt"):
         assert decoder_hash(out / "bootstrap" / name) == decoder_hash(e2e_run / "bootstrap" / name), name
     scored, clean = (json.loads((d / "evaluate" / "metrics.json").read_text()) for d in (out, e2e_run))

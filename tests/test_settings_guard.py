@@ -48,7 +48,7 @@ def test_one_changed_setting_per_stage_is_refused_by_it_and_every_stage_downstre
     for job in STAGES[: STAGES.index(stage)]:
         settings_guard.check(cfg, [job])  # stages upstream of the change do not depend on it
     # what only changes speed (or the evaluated checkpoint's folder) is not refused
-    settings_guard.check(load_config(overrides=[*base, "crops.batch_size=7", "train.cpus_per_worker=3"]), STAGES)
+    settings_guard.check(load_config(overrides=[*base, "eval.batch_size=7", "train.cpus_per_worker=3"]), STAGES)
 
 
 def test_refused_with_config_yaml_deleted(tmp_path):
@@ -134,13 +134,20 @@ def test_single_stage_job_keeps_other_stages_recorded_settings(tmp_path):
 
 @pytest.mark.parametrize(
     "key, values",
-    [("pseudo.batch_size", (4, 3)), ("pseudo.images_per_part", (6, 4)), ("train.num_workers", (1, 2))],
+    [
+        ("crops.batch_size", (64, 5)),
+        ("crops.images_per_part", (256, 4)),
+        ("pseudo.batch_size", (4, 3)),
+        ("pseudo.images_per_part", (6, 4)),
+        ("train.num_workers", (1, 2)),
+    ],
 )
 def test_keys_that_change_outputs_are_settings_inputs(tmp_path, key, values):
     """pseudo.batch_size and pseudo.images_per_part cut the Grad-CAM batches whose loss the reference averages
-    (test_fidelity: 1/len(batch)); train.num_workers shards the data and the augmentation streams. A resume with
-    another value is refused, naming the key."""
-    stage = contract.STAGES["bootstrap" if key.startswith("train.") else "pseudo_label"].name
+    (test_fidelity: 1/len(batch)); the crops batch and part sizes change the crop features (by up to 1e-6: other
+    encoder batch shapes); train.num_workers shards the data and the augmentation streams. A resume with another
+    value is refused, naming the key."""
+    stage = {"crops": "extract", "pseudo": "pseudo_label", "train": "bootstrap"}[key.split(".")[0]]
     old, new = (load_config(overrides=[f"output={tmp_path}", f"{key}={v}"]) for v in values)
     assert settings_guard.changes(settings_guard.record(old, stage), settings_guard.record(new, stage)) == [
         f"{key}: {values[0]} -> {values[1]}"

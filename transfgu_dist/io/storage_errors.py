@@ -15,8 +15,12 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and what was expected."""
 
     def __init__(self, uri: str, message: str):
-        self.uri = uri
+        self.uri, self.message = uri, message
         super().__init__(f"{uri}: {message}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickled with both arguments: one raised in a Ray worker reaches the driver as itself."""
+        return self.__class__, (self.uri, self.message)
 
 
 _lock = threading.Lock()
