@@ -5,7 +5,7 @@ versions, the sizes it ran at, the raw timings (every run and the median), the d
 headline `ratio` with its `target`, and the peak memory while it ran. Nothing here asserts on time: the numbers
 are reported, and `meets_target` only says how the headline compares with its `target`.
 
-    extract       crops/s of the whole Ray Data extraction (stages.extract.run_extract) / bare encoder forward
+    extract       crops/s of the whole Ray Data extraction (pipeline.stages.extract.run_extract) / bare encoder forward
     pseudo_label  batched Grad-CAM (one forward + one batched backward) / one forward + one backward, K = 27, 171
     cluster       FAISS k-means vs its distance-GEMM ceiling; Parquet feature read (parts.*) / raw pyarrow read
     bootstrap     Ray Train samples/s with 1 and 2 workers / the bare training step in-process
@@ -14,9 +14,9 @@ Steady-state rates of the Ray stages come from the modification times of what th
 part per actor call, one round checkpoint per round), so Ray start-up, actor construction and the first batch
 are excluded; the end-to-end wall time and its rate are reported next to them.
 
-Modules: bench_env (devices, timing, the local Ray, shared helpers), bench_memory (PeakMemory), bench_encoder
-(extract, pseudo_label), bench_cluster, bench_bootstrap; the other modes of jobs/bench.py are bench_device
-(--device-only), bench_scale (--size scale) and bench_backbones (--size backbones).
+Modules of benchmarks/: env (devices, timing, the local Ray, shared helpers), memory (PeakMemory), encoder
+(extract, pseudo_label), cluster, bootstrap; the other modes of jobs/bench.py are device (--device-only), scale
+(--size scale) and backbones (--size backbones).
 """
 
 from __future__ import annotations
