@@ -15,6 +15,7 @@ import sys
 
 from transfgu_dist.config import ConfigError, load_config
 from transfgu_dist.io import storage
+from transfgu_dist.io.weights import EncoderLoadError, resolve_encoder
 from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.ray_setup import init_ray
 from transfgu_dist.pipeline.sweep import load_spec, run_sweep, with_params
@@ -38,6 +39,10 @@ def main() -> None:
             f"{base.source}: no committed pseudo-label bank (bank/_SUCCESS.json); run "
             f"jobs/run_all.py with output={source} first"
         )
+    try:  # the encoder run_all used: the demo's random fallback where DINO weights cannot be loaded
+        base.encoder = resolve_encoder(base.encoder)
+    except EncoderLoadError as e:
+        raise ConfigError(str(e)) from e
     settings_guard.check(base, ["pseudo_label"])  # the bank and what it was made from, made with these settings
     name = os.path.splitext(os.path.basename(args.space))[0]
     output = args.output or storage.join(base.source, "sweeps", name)
