@@ -1,6 +1,6 @@
 """The README and the docs/ pages name only code that exists: the equation table's `file:function` entries are
 defined where it says, it covers every numbered equation of the paper, and every repository path, dotted
-`transfgu_dist.` name and local link resolves."""
+`transfgu_dist.` name and local link in the pages, the cluster configs, the sweep spaces and the jobs resolves."""
 
 import ast
 import re
@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# the guide, its pages, and where its commands and paths are also written down
+FILES = [
+    ROOT / "README.md",
+    *sorted(ROOT.glob("docs/*.md")),
+    *sorted(ROOT.glob("cluster/*.yaml")),
+    *sorted(ROOT.glob("tune_spaces/*.yaml")),
+    *sorted(ROOT.glob("jobs/*.py")),
+]
 N_EQUATIONS = 16  # the paper numbers Eqs 1-16
-PATH = re.compile(r"(?<![\w./-])((?:transfgu_dist|jobs|cluster|tune_spaces|docs|tests|benchmarks)/[\w./-]*\w)")
+PATH = re.compile(r"(?<![\w./-])((?:transfgu_dist|jobs|cluster|tune_spaces|docs|tests|benchmarks|configs)/[\w./-]*\w)")
 DOTTED = re.compile(r"(?<![\w./-])(transfgu_dist(?:\.\w+)+)")
 LINK = re.compile(r"\]\(([^)#:]+)(?:#[^)]*)?\)")
 ENTRY = re.compile(r"`([\w/]+\.py):([\w.]+)`")
@@ -65,7 +72,7 @@ def test_definitions_finds_methods_and_rejects_missing_ones():
     assert "MaskTransformer.backward" not in names and "forward" not in names
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_paths_names_and_links_exist(page):
     text = page.read_text()
     for path in PATH.findall(text):
