@@ -1,12 +1,16 @@
 """The README and the docs/ pages name only code that exists: the equation table's `file:function` entries are
 defined where it says, it covers every numbered equation of the paper, and every repository path, dotted
-`transfgu_dist.` name and local link in the pages, the cluster configs, the sweep spaces and the jobs resolves."""
+`transfgu_dist.` name, config key and local link in the pages, the cluster configs, the sweep spaces and the jobs
+resolves."""
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+
+from transfgu_dist.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 # the guide, its pages, and where its commands and paths are also written down
@@ -22,6 +26,9 @@ PATH = re.compile(r"(?<![\w./-])((?:transfgu_dist|jobs|cluster|tune_spaces|docs|
 DOTTED = re.compile(r"(?<![\w./-])(transfgu_dist(?:\.\w+)+)")
 LINK = re.compile(r"\]\(([^)#:]+)(?:#[^)]*)?\)")
 ENTRY = re.compile(r"`([\w/]+\.py):([\w.]+)`")
+SECTIONS = {f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}  # section -> its default
+SECTIONS = {name: value for name, value in SECTIONS.items() if dataclasses.is_dataclass(value)}
+KEY = re.compile(rf"(?<![\w./-])({'|'.join(SECTIONS)})\.(\w+)(?=[=`\s,)])")
 
 
 def definitions(source: Path) -> set[str]:
@@ -84,6 +91,13 @@ def test_paths_names_and_links_exist(page):
         assert not rest or rest in definitions(module_file(parts[:n])), f"{page.name} names {name}, not defined"
     for link in LINK.findall(text):
         assert (page.parent / link).exists(), f"{page.name} links to {link}, which does not exist"
+
+
+@pytest.mark.parametrize("page", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_keys_exist(page):
+    for section, key in KEY.findall(page.read_text()):
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        assert key in fields, f"{page.name} names the config key {section}.{key}, which does not exist"
 
 
 def module_file(parts: list[str]) -> Path | None:
