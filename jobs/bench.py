@@ -4,6 +4,7 @@
     python jobs/bench.py --size scale [--scale-n 500,2000,8000]   # pipeline overheads vs image count
     python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
     python jobs/bench.py --size backbones [--archs A,B] [--divide N]  # each backbone vs DINO ViT-S/8; no Ray
+    python jobs/bench.py --size elastic   # extract and bootstrap throughput with 0 and 1 node lost, fake 3-node Ray
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
 See benchmarks/ (suite.py and one module per benchmark) for what each figure means and docs/performance.md for
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
 
-SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale", "backbones"), ("tiny", "full")
+SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale", "backbones", "elastic"), ("tiny", "full")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,6 +73,15 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"unknown arch(s) {', '.join(sorted(set(archs) - set(ARCHS)))} (known: {', '.join(ARCHS)})")
         with contextlib.redirect_stdout(sys.stderr):
             doc = run_backbones(archs, args.repeats, args.divide, log)
+        return _emit(doc, args.out)
+    if args.size == "elastic":
+        import tempfile
+        from pathlib import Path
+
+        from benchmarks.elastic import run_elastic
+
+        with contextlib.redirect_stdout(sys.stderr):
+            doc = run_elastic(Path(args.workdir or tempfile.mkdtemp()), log)
         return _emit(doc, args.out)
     if args.size == "scale":
         import tempfile

@@ -50,6 +50,9 @@ def test_defaults_are_the_reference_profile():
         "eval.image_size": (None, [128, 128]),
         "decoder.n_heads": (6, 2),
         "train.lr": (1e-4, 1e-3),
+        "train.use_gpu": (True, None),  # the demo asks for what the cluster has: a laptop or a cluster alike
+        "resources.actor_gpus": (1.0, None),
+        "resources.cluster_gpu": (True, None),
     }
 
 

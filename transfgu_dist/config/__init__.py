@@ -17,8 +17,10 @@ from transfgu_dist.config.schema import (
     EvalConfig,
     LossConfig,
     PseudoLabelConfig,
+    ResourcesConfig,
     TrainConfig,
     derive_sizes,
+    worker_range,
 )
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "EvalConfig",
     "LossConfig",
     "PseudoLabelConfig",
+    "ResourcesConfig",
     "TrainConfig",
     "derive_sizes",
     "dump_yaml",
@@ -43,4 +46,5 @@ __all__ = [
     "load_yaml",
     "set_key",
     "to_dict",
+    "worker_range",
 ]

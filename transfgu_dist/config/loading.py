@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from transfgu_dist.config.presets import PRESETS, PROFILES
-from transfgu_dist.config.schema import ARCHS, Config, ConfigError, derive_sizes
+from transfgu_dist.config.schema import ARCHS, Config, ConfigError, derive_sizes, worker_range
 
 
 class _Loader(yaml.SafeLoader):
@@ -160,6 +160,25 @@ def validate(cfg: Config) -> None:
     if cfg.train.epoch_repeat < 1:
         raise ConfigError(f"key 'train.epoch_repeat' = {cfg.train.epoch_repeat}: expected an integer >= 1")
     _check_patch_sizes(cfg)
+    _check_resources(cfg)
+
+
+def _check_resources(cfg: Config) -> None:
+    r, workers = cfg.resources, cfg.train.num_workers
+    if isinstance(workers, tuple) and (len(workers) != 2 or not 1 <= workers[0] <= workers[1]):
+        raise ConfigError(
+            f"key 'train.num_workers' = {list(workers)}: expected an integer or [min, max] with 1 <= min <= max"
+        )
+    if worker_range(workers)[0] < 1:
+        raise ConfigError(f"key 'train.num_workers' = {workers}: expected an integer >= 1")
+    if not 1 <= r.pool_min <= r.pool_max:
+        raise ConfigError(
+            f"keys 'resources.pool_min' = {r.pool_min}, 'resources.pool_max' = {r.pool_max}: expected 1 <= min <= max"
+        )
+    if r.actor_gpus is not None and r.actor_gpus < 0:
+        raise ConfigError(f"key 'resources.actor_gpus' = {r.actor_gpus}: expected a number >= 0 (or null: auto)")
+    if r.decode_cpus <= 0:
+        raise ConfigError(f"key 'resources.decode_cpus' = {r.decode_cpus}: expected a number > 0")
 
 
 def _check_patch_sizes(cfg: Config) -> None:

@@ -42,6 +42,9 @@ def synthetic(cfg: Config) -> None:
     cfg.crops.batch_size = 128
     cfg.decoder.n_heads = 2
     cfg.train.lr = 1e-3
+    cfg.train.use_gpu = None  # the demo runs on a laptop or a cluster alike: what the cluster has
+    cfg.resources.actor_gpus = None
+    cfg.resources.cluster_gpu = None
 
 
 def _coco(cfg: Config, n_classes: int, k_fg: int, k_bg: int) -> None:

@@ -154,9 +154,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient value clamp
     reset_optimizer: bool = False  # reference keeps the Adam state across student resets
     image_size: tuple[int, int] | None = None  # input before the random crop (crop resized to half; None: derived)
-    num_workers: int = 1
+    num_workers: int | tuple[int, ...] = 1  # Ray Train workers; [min, max]: elastic, the group resizes between
+    # them as nodes come and go (per-worker batch_size and lr unchanged: the global batch is size x batch_size)
     cpus_per_worker: float = 1.0
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    use_gpu: bool | None = True  # one GPU per worker; None: GPUs if the cluster has some at the start (demo, laptop)
     max_failures: int = 2
     data_fraction: float = 1.0  # train on a random fraction of the bank (sweeps)
     epoch_repeat: int = 1  # passes over the training set per epoch (reference VOC/Cityscapes: 20)
@@ -177,6 +178,18 @@ class EvalConfig:
     checkpoint: str = ""  # "" = bootstrap/final.pt (last epoch), "best" = bootstrap/best.pt (best
     # epoch on val, the reference protocol's pick), or a checkpoint URI
     crf: bool = False  # dense-CRF refinement before scoring (crf.py; the paper reports without)
+
+
+@dataclass
+class ResourcesConfig:
+    """What the stages ask Ray for, so the autoscaler adds the nodes that provide it (cluster/aws-gpu.yaml)."""
+
+    actor_gpus: float | None = 1.0  # GPUs per encoder actor (extract, pseudo_label, evaluate, predict); 0.5 packs
+    # two actors on a GPU | None: 1 if the cluster has GPUs when the stage starts, else one CPU actor (demo, laptop)
+    pool_min: int = 1  # encoder actors a pool starts with
+    pool_max: int = 4  # encoder actors a pool grows to as nodes join: pool_max x actor_gpus GPUs (aws-gpu.yaml: 4)
+    decode_cpus: float = 1.0  # CPUs per read/decode task
+    cluster_gpu: bool | None = True  # the cluster stage's k-means on a GPU node | None: if the cluster has one
 
 
 @dataclass
@@ -201,6 +214,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     @property
     def inputs_root(self) -> str:
@@ -221,6 +235,11 @@ class Config:
     def n_outputs(self) -> int:
         """The decoder's output channels: the K concepts, plus the background channel of things-only presets."""
         return self.n_concepts + int(self.loss.background_channel)
+
+
+def worker_range(num_workers: int | tuple[int, ...]) -> tuple[int, int]:
+    """`train.num_workers` as (min, max): a fixed size n is (n, n)."""
+    return (num_workers, num_workers) if isinstance(num_workers, int) else (num_workers[0], num_workers[-1])
 
 
 # key -> the rule `derive_sizes` applies when the key is None, in the order it applies them

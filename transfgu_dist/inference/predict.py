@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
+from transfgu_dist.config import ResourcesConfig
 from transfgu_dist.inference.segmenter import Segmenter, SlidingWindow, cluster_logits
 from transfgu_dist.inference.viz import overlay_panel
 from transfgu_dist.io import storage
@@ -172,9 +173,17 @@ def done_ids(output: str) -> tuple[set[str], set[str]]:
     return done, bad
 
 
-def run_predict(seg: Segmenter, inputs: str, output: str, batch_size: int = 16, probs: bool = False) -> PredictReport:
+def run_predict(
+    seg: Segmenter,
+    inputs: str,
+    output: str,
+    batch_size: int = 16,
+    probs: bool = False,
+    resources: ResourcesConfig | None = None,
+) -> PredictReport:
     """Segment every image under `inputs` not yet in `output` (see the module docstring); `probs` also writes the
-    per-pixel probabilities."""
+    per-pixel probabilities. `resources`: the actor pool's (image_pool.actor_pool); None: one actor per GPU present,
+    else one CPU actor."""
     start = time.perf_counter()
     items = list_inputs(inputs)
     done, bad = done_ids(output)
@@ -188,10 +197,14 @@ def run_predict(seg: Segmenter, inputs: str, output: str, batch_size: int = 16, 
     if pending:
         ds = ray.data.from_items([{"image_id": i, "uri": u} for i, u in pending])
         ds = ds.map_batches(
-            load_images, fn_kwargs={"size": seg.image_size, "method": seg.resize}, batch_size=batch_size, num_cpus=1
+            load_images,
+            fn_kwargs={"size": seg.image_size, "method": seg.resize},
+            batch_size=batch_size,
+            num_cpus=resources.decode_cpus if resources else 1,
         )
         writer = {"artifact": seg.artifact(), "output": output, "crf": seg.crf, "sliding": seg.sliding, "probs": probs}
-        ds = ds.map_batches(PredictWriter, fn_constructor_kwargs=writer, batch_size=batch_size, **actor_pool())
+        resources = resources or ResourcesConfig(actor_gpus=None)
+        ds = ds.map_batches(PredictWriter, fn_constructor_kwargs=writer, batch_size=batch_size, **actor_pool(resources))
         rows = ds.take_all()
         new_bad = {r["image_id"] for r in rows if not r["ok"]}
         if new_bad:

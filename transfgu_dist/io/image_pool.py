@@ -10,6 +10,7 @@ import numpy as np
 import ray
 import torch
 
+from transfgu_dist.config import ResourcesConfig
 from transfgu_dist.io import storage
 from transfgu_dist.io.images import BadImageError, decode_image, to_float_batch
 from transfgu_dist.io.storage_errors import StorageError
@@ -21,10 +22,23 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def actor_pool() -> dict[str, Any]:
-    """map_batches arguments of an encoder actor pool: one actor per GPU, or one CPU actor."""
-    gpus = cluster_gpus()
-    return {"compute": ray.data.ActorPoolStrategy(size=max(gpus, 1)), "num_gpus": 1 if gpus else 0, "num_cpus": 1}
+def actor_pool(resources: ResourcesConfig) -> dict[str, Any]:
+    """map_batches arguments of an encoder actor pool: `actor_gpus` GPUs per actor, pool_min to pool_max actors
+    (Ray Data adds actors while work is queued, and the pending GPU requests make the autoscaler add nodes).
+    actor_gpus None: one actor per GPU the cluster has now, or one CPU actor when it has none. An actor lost with its
+    node is restarted and its calls retried on the others: Ray Data gives pool actors max_restarts=-1 and
+    max_task_retries=-1 unless told otherwise (map_batches ray_remote_args are deprecated, gone in Ray 2.64)."""
+    gpus = resources.actor_gpus
+    if gpus is None:
+        present = cluster_gpus()
+        gpus, size = (1.0, {"size": present}) if present else (0.0, {"size": 1})
+    else:
+        size = {"min_size": resources.pool_min, "max_size": resources.pool_max}
+    return {
+        "compute": ray.data.ActorPoolStrategy(**size),
+        "num_gpus": gpus,
+        "num_cpus": 1,
+    }
 
 
 def actor_device() -> torch.device:

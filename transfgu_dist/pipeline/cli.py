@@ -69,6 +69,12 @@ def help_epilog() -> str:
         "  python jobs/run_all.py --preset voc encoder.weights=/w/dino_deitsmall8_pretrain.pth "
         "data.root=s3://bucket/voc output=s3://bucket/runs/voc",
         "",
+        "cluster sizing (cluster/aws-gpu.yaml: up to 4 one-GPU g5.xlarge workers, none at the start): "
+        "resources.actor_gpus=1 resources.pool_min=1 resources.pool_max=4 train.num_workers=[1,4] (each "
+        "pool_max x actor_gpus and train max <= the GPU workers' max_workers x GPUs per node; the autoscaler adds "
+        "GPU nodes as the stages ask for them); resources.actor_gpus=null and train.use_gpu=null: use the GPUs "
+        "present at the start, else the CPU (the synthetic preset's defaults, for a laptop).",
+        "",
         "A mistake (key, value, path, label file) is one line on stderr and exit status 2 "
         "before Ray or MLflow start; --debug shows the traceback.",
     ]

@@ -98,6 +98,37 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     return text + (f", {m['epoch_seconds']:.1f} s/epoch" if "epoch_seconds" in m else "")
 
 
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+class Recoveries:
+    """The driver's lines on worker-group failures: what was lost, then, at the restarted group's first report, what
+    was redone (epochs since the last checkpoint) and how long the group was down."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.done, self.failed_at = epochs, 0, None  # done: epochs reported so far
+
+    def see(self, m: dict[str, Any], now: float) -> str | None:
+        if "lost" in m:
+            self.failed_at = self.failed_at or now
+            ranks = "; ".join(f"rank {r}: {e}" for r, e in sorted(m["lost"].items()))
+            return (
+                f"bootstrap: worker group failed after epoch {self.done}/{self.epochs} ({ranks}); "
+                "Ray Train restarts it from the last checkpoint"
+            )
+        line = None
+        if self.failed_at is not None:
+            line = (
+                f"bootstrap: resumed at epoch {m['resumed_at'] + 1}/{self.epochs} with {m['world_size']} workers, "
+                f"{m['group_started_at'] - self.failed_at:.1f} s after the failure; "
+                f"epochs redone: {self.done - m['resumed_at']}"
+            )
+            self.failed_at = None
+        self.done = m["global_epoch"] + 1
+        return line
+
+
 def epoch_reporter_class() -> type:
     """ray.train.UserCallback subclass (built lazily: importing this module does not import Ray)."""
     import ray.train
@@ -112,6 +143,9 @@ def epoch_reporter_class() -> type:
             if metrics:
                 self.queue.put(dict(metrics[0]))
 
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            self.queue.put({"lost": {rank: first_line(e) for rank, e in worker_exceptions.items()}})
+
     return EpochReporter
 
 
@@ -121,15 +155,20 @@ def epoch_lines(epochs: int, poll: float = 0.5) -> Iterator[Any]:
     the lines still queued when it ends are logged before it returns."""
     from ray.util.queue import Empty, Queue
 
-    queue, stop = Queue(), threading.Event()
+    queue, stop, recoveries = Queue(), threading.Event(), Recoveries(epochs)
 
     def show() -> None:
         while True:
             try:
-                log.info(epoch_line(queue.get(timeout=poll), epochs))
+                m = queue.get(timeout=poll)
             except Empty:
                 if stop.is_set():
                     return
+                continue
+            if line := recoveries.see(m, time.time()):
+                log.warning(line)
+            if "lost" not in m:
+                log.info(epoch_line(m, epochs))
 
     reader = threading.Thread(target=show, name="epoch-lines", daemon=True)
     reader.start()

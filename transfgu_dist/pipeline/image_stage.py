@@ -8,12 +8,14 @@ from typing import Any
 
 import ray
 
+from transfgu_dist.config import ResourcesConfig
 from transfgu_dist.io import parts, storage
 from transfgu_dist.io.datasets import Sample
 from transfgu_dist.io.image_pool import actor_pool, load_images
 from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.pipeline.console import track
 from transfgu_dist.pipeline.contract import StageResult
+from transfgu_dist.pipeline.recovery import node_losses
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,19 @@ def run_image_stage(
     images_per_task: int,
     images_per_part: int,
     extra_manifest: dict[str, Any],
+    resources: ResourcesConfig,
     resize: str = "antialias",
     gone: dict[str, str] | None = None,
 ) -> StageResult:
     """Map `actor` over the images not yet covered by a committed part of `out` (resized to `size` by `resize`,
     images.to_float_batch), then commit `out`.
 
-    Ray Data reads and decodes in CPU tasks and feeds an actor pool (one GPU per actor where the cluster has
-    GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
-    writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part
-    covers, and each image is left in exactly one part before the commit (parts.deduplicate). The actor returns
-    one row per part with its number of `images` (unreadable ones included), counted on the `stage`'s progress.
+    Ray Data reads and decodes in CPU tasks and feeds an actor pool sized by `resources` (image_pool.actor_pool);
+    a node lost mid-stage costs its calls in flight, retried on the other actors. Each actor call gets
+    `images_per_part` images (bundled from the `images_per_task` decode tasks) and writes one Parquet part, batching
+    its encoder work internally. A rerun skips every image a published part covers, and each image is left in
+    exactly one part before the commit (parts.deduplicate). The actor returns one row per part with its number of
+    `images` (unreadable ones included), counted on the `stage`'s progress.
     `gone`: images an upstream stage covered that are no longer listed (id -> reason), recorded as bad ones.
     """
     if out.is_committed():
@@ -72,15 +76,29 @@ def run_image_stage(
         len(samples) - len(pending),
         len(pending),
     )
+    lost = []
     if pending:
         ds = ray.data.from_items([{"image_id": s.image_id, "uri": s.image} for s in pending])
         ds = ds.map_batches(
-            load_images, fn_kwargs={"size": size, "method": resize}, batch_size=images_per_task, num_cpus=1
+            load_images,
+            fn_kwargs={"size": size, "method": resize},
+            batch_size=images_per_task,
+            num_cpus=resources.decode_cpus,
         )
-        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
-        for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
-            pass
+        ds = ds.map_batches(
+            actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool(resources)
+        )
+        with node_losses(stage) as lost:
+            for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
+                pass
     removed, cover = parts.deduplicate(out)
+    if lost:
+        log.warning(
+            "%s: finished in this job after losing %d node(s); %d part(s) written twice by retried calls removed",
+            stage,
+            len(lost),
+            len(removed),
+        )
     if removed:
         log.warning(
             "%s: %d parts overlapped others (images batched twice); removed or rewritten: %s",

@@ -82,7 +82,14 @@ def _predict(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespa
     from transfgu_dist.pipeline.ray_setup import init_ray
 
     init_ray(args.address)
-    report = run_predict(seg, keys["input"], keys["output"], batch_size=cfg.eval.batch_size, probs=_flag(keys, "probs"))
+    report = run_predict(
+        seg,
+        keys["input"],
+        keys["output"],
+        batch_size=cfg.eval.batch_size,
+        probs=_flag(keys, "probs"),
+        resources=cfg.resources,
+    )
     print(report.summary())
     return report
 

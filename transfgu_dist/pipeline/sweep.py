@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-from transfgu_dist.config import Config, ConfigError, dump_yaml, load_yaml, set_key
+from transfgu_dist.config import Config, ConfigError, dump_yaml, load_yaml, set_key, worker_range
 from transfgu_dist.io import storage
 from transfgu_dist.pipeline import tracking
 
@@ -165,7 +165,7 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
     """Run (or resume) the sweep; write `best.yaml`, a full run config with the best parameters."""
     import ray
 
-    per_trial = spec.trial_cpus + trial_base.train.num_workers * trial_base.train.cpus_per_worker
+    per_trial = spec.trial_cpus + worker_range(trial_base.train.num_workers)[1] * trial_base.train.cpus_per_worker
     if spec.max_concurrent_trials * per_trial > ray.cluster_resources().get("CPU", 0) - 1:
         log.warning(
             "%d concurrent trials x %.1f CPUs leave less than one CPU for the Ray Data tasks that feed them: "

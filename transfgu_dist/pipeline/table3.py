@@ -77,7 +77,7 @@ def student_miou(cfg: Config, checkpoint: str, samples: list[Sample]) -> float:
         Predictor,
         fn_constructor_kwargs={"cfg": cfg, "decoder": load_decoder(checkpoint, cfg), "overlay_ids": frozenset()},
         batch_size=cfg.eval.batch_size,
-        **actor_pool(),
+        **actor_pool(cfg.resources),
     )
     return scores_from_confusion(sum(r["confusion"] for r in ds.take_all())).miou
 

@@ -112,7 +112,7 @@ def close_orphans(cfg: Config) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
-EPOCH_COUNTERS = {"round", "epoch", "global_epoch", "steps", "resumed_at"}
+EPOCH_COUNTERS = {"round", "epoch", "global_epoch", "steps", "resumed_at", "group_started_at"}
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:

@@ -24,7 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from transfgu_dist.config import Config
+from transfgu_dist.config import Config, worker_range
 from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.io import bank, storage
 from transfgu_dist.io.concepts_file import load_concepts
@@ -167,13 +167,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 state["rng"] = load_state(Path(d), ckpt.path, boot.dev, f"rng-{ctx.get_world_rank()}.pt")
         boot.load(state)
         round_, epoch = state["round"], state["epoch"] + 1
-        best = state["best"]
+        best, group_sizes = state["best"], state.get("group_sizes", [])
     else:
-        best = {"val/score": -1.0}
+        best, group_sizes = {"val/score": -1.0}, []
     shard = ray.train.get_dataset_shard("train")
     epochs = cfg.train.round_epochs
     global_epoch = sum(epochs[:round_]) + epoch
     resumed_at = global_epoch  # > 0 when this worker group continued from a checkpoint
+    started_at = time.time()  # wall clock of this worker group's start (recovery time, benchmarks.elastic)
     while round_ < len(epochs):
         if epoch >= epochs[round_]:  # round finished: publish its student, start the next round
             if rank0:
@@ -203,6 +204,8 @@ def train_loop(config: dict[str, Any]) -> None:
             alpha=alpha_at(cfg, epoch),
             steps=steps,
             resumed_at=resumed_at,
+            group_started_at=started_at,
+            world_size=ctx.get_world_size(),
         )
         if rank0 and cfg.train.eval_every and (global_epoch + 1) % cfg.train.eval_every == 0:
             metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
@@ -219,11 +222,14 @@ def train_loop(config: dict[str, Any]) -> None:
         metrics["epoch_seconds"] = time.perf_counter() - started  # training and validation
         if rank0 and mlflow_run:
             log_epoch(*mlflow_run, metrics, step=global_epoch)
+        group_sizes = [*group_sizes[:global_epoch], ctx.get_world_size()]  # worker-group size of each epoch
         with tempfile.TemporaryDirectory() as d:  # Ray Train merges every rank's files into one checkpoint
             torch.save(boot.rng_state(), Path(d) / f"rng-{ctx.get_world_rank()}.pt")
             if rank0:
-                torch.save({**boot.state(round_, epoch), "best": best}, Path(d) / "state.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                state = {**boot.state(round_, epoch), "best": best, "group_sizes": group_sizes}
+                torch.save(state, Path(d) / "state.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({**metrics, "group_sizes": group_sizes}, checkpoint=checkpoint)
         epoch += 1
         global_epoch += 1
 
@@ -233,7 +239,6 @@ def make_trainer(
 ) -> ray.train.torch.TorchTrainer:
     """The TorchTrainer of all rounds: the bank-joined training set sharded per worker, the val set unsplit."""
     path, fs = storage.ray_storage(storage.join(cfg.output, "ray_train"))
-    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_gpus() > 0
     datasets = {"train": training_dataset(cfg)}
     if cfg.train.eval_every:
         datasets["val"] = val_dataset(cfg, list_samples(cfg, cfg.data.val_split))
@@ -244,9 +249,7 @@ def make_trainer(
         train_loop_config={"cfg": cfg, "mlflow_run": mlflow_run},
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=path,
@@ -255,6 +258,18 @@ def make_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
+    )
+
+
+def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
+    """train.num_workers workers, or an elastic group of [min, max] (Ray Train resizes it as nodes come and go),
+    each with train.cpus_per_worker CPUs and, with train.use_gpu (None: if the cluster has GPUs now), one GPU."""
+    use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_gpus() > 0
+    low, high = worker_range(cfg.train.num_workers)
+    return ray.train.ScalingConfig(
+        num_workers=low if low == high else (low, high),
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": cfg.train.cpus_per_worker},
     )
 
 
@@ -291,7 +306,8 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
             "rounds": last + 1,
             "epochs": sum(cfg.train.round_epochs),
             "final": "final.pt",
-            "workers": cfg.train.num_workers,
+            "workers": cfg.train.num_workers,  # configured: an int, or (min, max) for an elastic group
+            "group_sizes": result.metrics.get("group_sizes", []) if result.metrics else [],
             "metrics": result.metrics,
             **best,
             "train_checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -65,7 +65,7 @@ def read_pools(
 
 
 def _fit(cfg: Config, uris: list[str]) -> dict:
-    """Runs as a Ray task (on a GPU node when there is one): reads only the two columns it needs."""
+    """Runs as a Ray task (on a GPU node with resources.cluster_gpu): reads only the two columns it needs."""
     c = cfg.cluster
     # FAISS would train on a sample of max_points_per_centroid per centroid anyway: read only that many
     caps = (
@@ -109,7 +109,8 @@ def run_cluster(cfg: Config) -> StageResult:
         manifest = out.manifest()
     else:
         uris = parts.part_uris(contract.output(cfg, "extract"))
-        gpus = 1 if cluster_gpus() else 0
+        wants = cfg.resources.cluster_gpu
+        gpus = int(cluster_gpus() > 0 if wants is None else wants)  # asked for: the autoscaler adds a GPU node
         manifest = ray.get(ray.remote(_fit).options(num_gpus=gpus, num_cpus=1).remote(cfg, uris))
         processed = manifest["points_fg"] + manifest["points_bg"]
     return StageResult(

@@ -27,6 +27,7 @@ from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.console import track
 from transfgu_dist.pipeline.contract import StageResult
 from transfgu_dist.pipeline.image_stage import list_bad_images
+from transfgu_dist.pipeline.recovery import node_losses
 from transfgu_dist.pipeline.scoring import Predictor, bad_ids, val_dataset
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,11 @@ def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) 
         metrics={
             "miou": m["miou"],
             "pixel_accuracy": m["pixel_accuracy"],
-            **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()},
+            **{
+                "iou/" + re.sub(r"[^\w\-. /]", "_", c): v
+                for c, v in m.get("per_class_iou", {}).items()
+                if v is not None  # a class absent from both the labels and the predictions has no IoU
+            },
             **{f"table3/{k}": v for k, v in m.get("table3", {}).items() if v is not None},
         },
     )
@@ -102,9 +107,10 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
         Predictor,
         fn_constructor_kwargs={"cfg": cfg, "decoder": decoder, "overlay_ids": overlay_ids},
         batch_size=cfg.eval.batch_size,
-        **actor_pool(),
+        **actor_pool(cfg.resources),
     )
-    rows = list(track(ds.iter_rows(), "evaluate", len(samples), lambda r: int(r["n_images"]) + len(bad_ids(r))))
+    with node_losses("evaluate"):
+        rows = list(track(ds.iter_rows(), "evaluate", len(samples), lambda r: int(r["n_images"]) + len(bad_ids(r))))
     n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in bad_ids(r))
     list_bad_images(out, dict.fromkeys(bad, "image or label unreadable"), len(samples))
     if not n_images:

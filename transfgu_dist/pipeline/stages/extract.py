@@ -119,5 +119,6 @@ def run_extract(cfg: Config) -> StageResult:
             "resize": cfg.data.resize,
             "settings": settings_guard.record(cfg, "extract"),
         },
+        cfg.resources,
         resizing(cfg.data).full,
     )

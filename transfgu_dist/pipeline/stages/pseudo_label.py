@@ -94,6 +94,7 @@ def run_pseudo_label(cfg: Config) -> StageResult:
             "resize": cfg.data.resize,
             "settings": settings_guard.record(cfg, "pseudo_label"),
         },
+        cfg.resources,
         resizing(cfg.data).full,
         gone,
     )
