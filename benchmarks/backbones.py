@@ -26,6 +26,7 @@ BACKBONES = (
 )
 # patch -> (crop side of extract, image side of Grad-CAM): the README's presets, a 40 x 40 Grad-CAM grid each
 PRESET_SIDES = {8: (320, 320), 14: (280, 560), 16: (320, 640)}
+AMP = {"cuda": "bf16", "cpu": "fp32"}  # the speed comparison runs at bf16 on a GPU (method.precision)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,11 @@ def _paths(arch: str, size: BackboneSize, dev) -> tuple[dict[str, Callable[[], A
     cfg = PseudoLabelConfig(image_size=(cam, cam), batch_size=size.cam_batch)
 
     def extract() -> None:
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), autocast(dev, AMP[dev.type]):
             encoder(crops, with_patch=False)
 
     def grad_cam() -> None:
-        with autocast(dev):
+        with autocast(dev, AMP[dev.type]):
             gradcam(encoder, images, concepts, cfg)
 
     info = {

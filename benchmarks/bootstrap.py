@@ -72,6 +72,7 @@ def write_bank(cfg, k: int, seed: int = 0) -> None:
                 **bank.columns(
                     torch.from_numpy(rng.random((n, h, w), dtype=np.float32)),
                     torch.from_numpy(rng.random((n, k, h, w), dtype=np.float32) * 1e-3),
+                    cfg.pseudo.terms_dtype,
                 ),
                 "fg_prior": parts.fixed_list(rng.random((n, h * w)) < 0.5, pa.bool_()),
             }

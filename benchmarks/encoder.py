@@ -89,7 +89,7 @@ def bench_extract(size: ExtractSize, workdir: Path, repeats: int) -> dict[str, A
     crops_t = torch.randn(size.batch_size, 3, size.crop_size, size.crop_size, device=dev)
 
     def bare() -> None:
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), autocast(dev, cfg.crops.precision):
             encoder(crops_t, with_patch=False)
 
     def bare_1_thread() -> None:
@@ -187,7 +187,7 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
     timings, rates, ratios, memory = {}, {}, {}, {}
 
     def forward() -> None:
-        with torch.no_grad(), autocast(dev):
+        with torch.no_grad(), autocast(dev, cfg.precision):
             encoder(images, with_patch=False)
 
     timings["forward"] = measure(forward, repeats)
@@ -195,12 +195,12 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
         concepts = torch.randn(k, encoder.dim, generator=gen).to(dev)
 
         def batched() -> None:
-            with autocast(dev):
+            with autocast(dev, cfg.precision):
                 gradcam(encoder, images, concepts, cfg)
 
         def forward_backward() -> None:
             """One forward and one backward: a single concept's loss back to A_L^cls."""
-            with autocast(dev):
+            with autocast(dev, cfg.precision):
                 out = encoder(images, with_patch=False, attn_grad=True)
                 loss = cfg.loss_scale * (
                     1 - concept_similarity(out.cls, concepts[:1].to(out.cls.dtype), cfg.similarity)
@@ -209,7 +209,7 @@ def bench_pseudo_label(size: PseudoSize, repeats: int) -> dict[str, Any]:
 
         def per_concept() -> None:
             """One forward, then K backward passes (one per concept), as a loop over concepts does it."""
-            with autocast(dev):
+            with autocast(dev, cfg.precision):
                 out = encoder(images, with_patch=False, attn_grad=True)
                 loss = cfg.loss_scale * (1 - concept_similarity(out.cls, concepts.to(out.cls.dtype), cfg.similarity))
                 grads = [

@@ -5,6 +5,7 @@
     python jobs/bench.py --device-only [--size tiny|full]   # model hot paths only: no Ray, FAISS or MLflow imported
     python jobs/bench.py --size backbones [--archs A,B] [--divide N]  # each backbone vs DINO ViT-S/8; no Ray
     python jobs/bench.py --size elastic   # extract and bootstrap throughput with 0 and 1 node lost, fake 3-node Ray
+    python jobs/bench.py --size precision [--precision-size tiny|small]  # bf16 / tf32 agreement with fp32; no Ray
 
 Progress goes to stderr; stdout carries only the JSON document (also written to --out when given).
 See benchmarks/ (suite.py and one module per benchmark) for what each figure means and docs/performance.md for
@@ -21,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
 
-SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale", "backbones", "elastic"), ("tiny", "full")
+SIZES, DEVICE_SIZES = ("tiny", "small", "full", "scale", "backbones", "elastic", "precision"), ("tiny", "full")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=1,
         help="--size backbones: divide every preset side by this (a 40 x 40 grid becomes 40/N)",
+    )
+    parser.add_argument(
+        "--precision-size",
+        choices=("tiny", "small"),
+        default="small",
+        help="--size precision: the tiny test encoder, or ViT-S/8 at 160 px with K = 27 and 171 (default)",
     )
     parser.add_argument(
         "--device-only",
@@ -64,6 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
         from benchmarks.device import run_device
 
         return _emit(run_device(args.size or "full", log), args.out)
+    if args.size == "precision":
+        from benchmarks.precision import run_precision
+
+        with contextlib.redirect_stdout(sys.stderr):
+            doc = run_precision(args.precision_size, log)
+        return _emit(doc, args.out)
     if args.size == "backbones":
         from benchmarks.backbones import BACKBONES, run_backbones
         from transfgu_dist.config import ARCHS

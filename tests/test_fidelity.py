@@ -165,8 +165,8 @@ def _fp16_maps(maps):
     return maps.half().float()
 
 
-def _bank_round_trip(shared, terms):
-    s, t, scale = (torch.from_numpy(a) for a in bank.encode(shared, terms))
+def _bank_round_trip(shared, terms, dtype="float16"):
+    s, t, scale = (torch.from_numpy(a) for a in bank.encode(shared, terms, dtype))
     return bank.decode(s.view_as(shared), t.view_as(terms), scale)
 
 
@@ -181,7 +181,7 @@ def test_bank_hand_worked_pixel():
     back = _bank_round_trip(shared, terms)
     assert back.argmax(1).item() == 1 and back[0, 2, 0, 0].item() == 0.0
     assert (back - maps).abs().max().item() < 1.2e-4 * 2**-11
-    s, t, scale = bank.encode(shared, terms)  # scale: the power of two above the largest term, 2^-13
+    s, t, scale = bank.encode(shared, terms, "float16")  # scale: the power of two above the largest term, 2^-13
     assert scale.tolist() == [2.0**-13] and s.dtype == np.float32 and t.dtype == np.float16
 
 
@@ -204,7 +204,8 @@ def test_bank_keeps_fp32_labels_and_soft_targets(k):
     new = _bank_round_trip(shared, terms)
     assert agreement(new) >= 0.999 and (minmax(new) - minmax(ref)).abs().max().item() <= 1e-3
     assert agreement(_fp16_maps(ref)) < 0.9  # 60% / 62% at K = 27 / 171
-    assert bank.bytes_per_image(k, 20, 20) <= 1.1 * 2 * k * 20 * 20  # about the fp16 size
+    assert bank.bytes_per_image(k, 20, 20, "float16") <= 1.1 * 2 * k * 20 * 20  # about the fp16 size
+    assert bank.bytes_per_image(k, 20, 20) == 4 * k * 20 * 20 + 4 * 20 * 20 + 4  # fp32 terms: the authors' 4 B
 
 
 def test_gradcam_loss_scale_is_one_over_batch_length():

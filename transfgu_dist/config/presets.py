@@ -29,6 +29,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "train.best_by": "miou",
         "train.skip_nonpositive_loss": False,
         "train.per_batch_augment": False,
+        "train.drop_last": False,
         "data.resize": "antialias",
     },
 }
@@ -109,6 +110,7 @@ def _lip(cfg: Config, k: int) -> None:
     cfg.crops.prior = "all_fg"
     cfg.pseudo.image_size = (640, 320)
     cfg.pseudo.batch_size = 2
+    cfg.eval.image_size = (640, 320)  # the authors evaluate every LIP split at 640 x 320, whatever its training size
     cfg.loss.background_channel = True
 
 

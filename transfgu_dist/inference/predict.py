@@ -135,7 +135,9 @@ class PredictWriter:
         grids = (
             [None] * len(batch["ok"])
             if self.seg.sliding
-            else cluster_logits(self.seg.encoder, self.seg.decoder, images_to_device(batch, self.seg.device))
+            else cluster_logits(
+                self.seg.encoder, self.seg.decoder, images_to_device(batch, self.seg.device), self.seg.precision
+            )
         )
         ok = batch["ok"].copy()
         labels, probs = {}, {}

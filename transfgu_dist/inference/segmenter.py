@@ -97,9 +97,12 @@ def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
 
 
 @torch.no_grad()
-def cluster_logits(encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Decoder masks (B, n_outputs, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), in float32."""
-    with autocast(images.device):
+def cluster_logits(
+    encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, precision: str = "fp32"
+) -> torch.Tensor:
+    """Decoder masks (B, n_outputs, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), computed in `precision`
+    (method.precision), returned in float32."""
+    with autocast(images.device, precision):
         return decoder(encoder(normalize(images)).patch).logits.float()
 
 
@@ -110,10 +113,12 @@ def predict(
     images: torch.Tensor,
     size: tuple[int, int],
     crf: CRFConfig | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax;
     `crf` refines each image's upsampled logits with the dense CRF first (images must then be at `size`)."""
-    logits = F.interpolate(cluster_logits(encoder, decoder, images), size=size, mode="bilinear", align_corners=False)
+    logits = cluster_logits(encoder, decoder, images, precision)
+    logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     if crf is not None:
         rgb = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         logits = torch.stack([dense_crf(im, lg, crf) for im, lg in zip(rgb, logits)])
@@ -144,7 +149,12 @@ def window_origins(size: tuple[int, int], window: tuple[int, int], stride: int) 
 
 @torch.no_grad()
 def sliding_logits(
-    encoder: ViTEncoder, decoder: MaskTransformer, image: np.ndarray, sw: SlidingWindow, device: torch.device
+    encoder: ViTEncoder,
+    decoder: MaskTransformer,
+    image: np.ndarray,
+    sw: SlidingWindow,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """(K, H, W) logits at the size of `image` (H, W, 3) uint8: each window's logits upsampled to the window,
     averaged over the windows covering each pixel, resized back when the image was upscaled."""
@@ -157,7 +167,8 @@ def sliding_logits(
     for i in range(0, len(origins), sw.batch_size):
         chunk = origins[i : i + sw.batch_size]
         crops = torch.stack([x[:, y : y + wh, c : c + ww] for y, c in chunk])
-        up = F.interpolate(cluster_logits(encoder, decoder, crops), size=(wh, ww), mode="bilinear", align_corners=False)
+        up = cluster_logits(encoder, decoder, crops, precision)
+        up = F.interpolate(up, size=(wh, ww), mode="bilinear", align_corners=False)
         if total is None:
             total = up.new_zeros((up.shape[1], *size))
             count = up.new_zeros(size)
@@ -200,6 +211,7 @@ class Segmenter:
     crf: CRFConfig | None = None  # dense-CRF refinement at each image's size (off: None)
     sliding: SlidingWindow | None = None  # sliding-window inference (off: resize to image_size)
     resize: str = "antialias"  # images.to_float_batch method: data.resize's eval images
+    precision: str = "fp32"  # eval.precision (method.precision)
 
     @classmethod
     def from_checkpoint(
@@ -230,6 +242,7 @@ class Segmenter:
                 tuple(cfg.eval.image_size),
                 list(class_names),
                 resize=resizing(cfg.data).images,
+                precision=cfg.eval.precision,
             )
         if metrics:
             seg.matching = read_matching(metrics, seg.decoder.n_outputs)
@@ -258,6 +271,7 @@ class Segmenter:
             list(art["class_names"]),
             None if art["matching"] is None else np.asarray(art["matching"], np.int64),
             resize=art.get("resize", "antialias"),
+            precision=art.get("precision", "fp32"),
         )
 
     def to(self, device: str | torch.device) -> Segmenter:
@@ -278,6 +292,7 @@ class Segmenter:
             "class_names": list(self.class_names),
             "matching": None if self.matching is None else self.matching.tolist(),
             "resize": self.resize,
+            "precision": self.precision,
         }
 
     def to_classes(self, clusters: np.ndarray) -> np.ndarray:
@@ -289,7 +304,7 @@ class Segmenter:
     def logits(self, images: Sequence[Any]) -> torch.Tensor:
         """Cluster logits (B, n_outputs, h, w) at the patch grid for images resized to `image_size`."""
         batch = to_float_batch([_as_uint8_rgb(im) for im in images], self.image_size, self.resize).to(self.device)
-        return cluster_logits(self.encoder, self.decoder, batch)
+        return cluster_logits(self.encoder, self.decoder, batch, self.precision)
 
     def segment(self, images: Any) -> list[np.ndarray]:
         """Label maps (uint8, each at its image's size): matched class ids, or cluster ids without a matching.
@@ -305,7 +320,7 @@ class Segmenter:
         patch-grid `grid` logits upsampled bilinearly, align_corners=False), or the CRF's
         probabilities when a CRF is configured."""
         if self.sliding is not None:
-            up = sliding_logits(self.encoder, self.decoder, image, self.sliding, self.device)
+            up = sliding_logits(self.encoder, self.decoder, image, self.sliding, self.device, self.precision)
         else:
             grid = self.logits([image])[0] if grid is None else grid
             up = F.interpolate(grid[None].float(), size=image.shape[:2], mode="bilinear", align_corners=False)[0]

@@ -100,8 +100,9 @@ def crop_and_flip(
     n, _, height, width = images.shape
     h, w = soft_labels.shape[-2:]
     rois = torch.cat([torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
-    if cfg.crop_resize == "bilinear":
-        rois = rois.round()  # the reference crops whole pixels; the label box follows the same box
+    if cfg.crop_resize == "bilinear":  # the reference crops whole pixels, offsets floored (0..avail-1); the label
+        size = (rois[:, 3:] - rois[:, 1:3]).round()  # box follows the same box
+        rois = torch.cat([rois[:, :3].floor(), rois[:, 1:3].floor() + size], 1)
     label_rois = rois * rois.new_tensor([1, w / width, h / height, w / width, h / height])
     images = resize_crops(images, rois, image_out, cfg.crop_resize)
     soft_labels = cut_crops(soft_labels, label_rois, label_out)

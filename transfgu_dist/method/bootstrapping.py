@@ -19,7 +19,8 @@ from transfgu_dist.method.augment import AugmentConfig, crop_and_flip, photometr
 from transfgu_dist.method.decoder import MaskTransformer
 from transfgu_dist.method.encoder import ViTEncoder, normalize
 from transfgu_dist.method.losses import cross_entropy, diversity_loss, peer_loss, total_loss, uncertainty_loss
-from transfgu_dist.method.resizing import resizing
+from transfgu_dist.method.precision import autocast
+from transfgu_dist.method.resizing import resizing, unit_float
 from transfgu_dist.method.targets import bootstrapped, fg_bg_split, hard_labels, label_scores
 
 
@@ -115,10 +116,10 @@ class Bootstrapper:
         return scores, valid
 
     def step(self, batch: dict[str, torch.Tensor], alpha: float) -> dict[str, float]:
-        """One optimizer step on a batch of uint8 images (B, H, W, 3), response maps (B, K, h, w) and fg priors
-        (B, h, w); returns the loss terms."""
+        """One optimizer step on a batch of uint8 or [0, 1] float images (B, H, W, 3), response maps (B, K, h, w)
+        and fg priors (B, h, w); returns the loss terms."""
         cfg = self.cfg
-        images = photometric(batch["image"].permute(0, 3, 1, 2).float().div(255), self.aug, self.gen)
+        images = photometric(unit_float(batch["image"].permute(0, 3, 1, 2)), self.aug, self.gen)
         maps, fg = batch["maps"], batch["fg_prior"].float()
         B, K, h, w = maps.shape
         H, W = images.shape[-2:]
@@ -133,8 +134,8 @@ class Bootstrapper:
             self.gen,
         )
         scores, valid = self.targets(labels[:, :K], labels[:, K] > 0.5)
-        with torch.no_grad():
-            patch = self.encoder(normalize(images)).patch
+        with torch.no_grad(), autocast(self.dev, cfg.train.precision):
+            patch = self.encoder(normalize(images)).patch.float()
         out = self.model(patch)
         if self.teacher is None:
             peer = cross_entropy(out.logits, hard_labels(scores))  # Eq. 9
@@ -163,6 +164,9 @@ def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: tor
     nn.utils.clip_grad_value_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
     return True
+
+
+INITIAL_BEST_SCORE = 0.0  # the authors' best score before the first validation: a later epoch must beat it
 
 
 def selection_score(metrics: dict[str, float], best_by: str) -> float:

@@ -38,6 +38,11 @@ def resizing(data: DataConfig) -> Resizing:
     return Resizing("nearest" if data.layout == "cocostuff" else "bilinear", "bilinear", "bilinear", "nearest")
 
 
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """Images as float in [0, 1]: uint8 divided by 255, float ones as they are."""
+    return images.float().div(255) if images.dtype == torch.uint8 else images.float()
+
+
 def resize_crops(
     images: torch.Tensor, rois: torch.Tensor, out_size: int | tuple[int, int], method: str
 ) -> torch.Tensor:

@@ -35,11 +35,11 @@ STAGES: dict[str, Stage] = {
         Stage("extract", "features", ("seed", "data", "encoder", "crops"), reusable=True),  # seed: synthetic data
         Stage("cluster", "concepts", ("cluster",), reusable=True),
         Stage("pseudo_label", "bank", ("pseudo",), reusable=True),
-        # validation during training scores at eval.image_size: best.pt depends on it
+        # validation during training scores at eval.image_size and eval.precision: best.pt depends on them
         Stage(
             "bootstrap",
             "bootstrap",
-            ("decoder", "loss", "train", "eval.image_size"),
+            ("decoder", "loss", "train", "eval.image_size", "eval.precision"),
             log_manifest=True,
             epoch_metrics=True,
         ),

@@ -14,7 +14,7 @@ from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.io import storage
 from transfgu_dist.io.datasets import Sample
-from transfgu_dist.io.image_pool import actor_device, images_to_device, load_images
+from transfgu_dist.io.image_pool import actor_device, images_to_device, load_images, to_uint8
 from transfgu_dist.io.images import BadImageError, decode_label, resize_labels
 from transfgu_dist.io.label_maps import IGNORE, remap_label, table_name
 from transfgu_dist.io.storage_errors import StorageError
@@ -58,17 +58,19 @@ class Predictor:
         self.decoder = decoder.to(self.dev).eval()
         self.size, self.n_classes, self.overlay_ids = tuple(cfg.eval.image_size), cfg.data.n_classes, overlay_ids
         self.crf = CRFConfig() if cfg.eval.crf else None
+        self.precision = cfg.eval.precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok, gt = batch["ok"], batch["gt"]
-        pred = predict(self.encoder, self.decoder, images_to_device(batch, self.dev), self.size, self.crf)
+        images = images_to_device(batch, self.dev)
+        pred = predict(self.encoder, self.decoder, images, self.size, self.crf, self.precision)
         shown = ok & np.isin(batch["image_id"], list(self.overlay_ids))
         return {
             "confusion": confusion_matrix(gt, pred, self.n_classes, self.decoder.n_outputs, IGNORE)[None],
             "n_images": np.array([ok.sum()]),
             "bad": np.array(["\n".join(batch["image_id"][~ok])]),
             "overlay_ids": np.array(["\n".join(batch["image_id"][shown])]),
-            "overlay_image": batch["image"][shown][None],
+            "overlay_image": to_uint8(batch["image"][shown])[None],
             "overlay_gt": gt[shown][None],
             "overlay_pred": pred[shown][None],
         }

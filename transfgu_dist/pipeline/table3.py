@@ -59,7 +59,7 @@ def pseudo_label_miou(cfg: Config) -> float | None:
         return None
     is_fg = fg_bg_split(cfg.pseudo.split_fg_bg, load_concepts(contract.output(cfg, "cluster")).is_fg)
     rows = (
-        bank.read(out)
+        bank.read(out, cfg.pseudo.terms_dtype)
         .map_batches(
             bank_confusion,
             fn_kwargs={"cfg": cfg, "is_fg": is_fg, "labels": labels},

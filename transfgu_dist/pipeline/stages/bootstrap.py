@@ -33,7 +33,7 @@ from transfgu_dist.io.image_pool import cluster_gpus, images_to_device, load_ima
 from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.io.weights import build_encoder
-from transfgu_dist.method.bootstrapping import Bootstrapper, alpha_at, selection_score
+from transfgu_dist.method.bootstrapping import INITIAL_BEST_SCORE, Bootstrapper, alpha_at, selection_score
 from transfgu_dist.method.metrics import confusion_matrix, scores_from_confusion
 from transfgu_dist.method.resizing import resizing
 from transfgu_dist.pipeline import contract, settings_guard
@@ -68,7 +68,7 @@ def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray
 
 
 def training_dataset(cfg: Config) -> ray.data.Dataset:
-    ds = bank.read(contract.output(cfg, "pseudo_label"))
+    ds = bank.read(contract.output(cfg, "pseudo_label"), cfg.pseudo.terms_dtype)
     if cfg.train.data_fraction < 1:
         ds = ds.random_sample(cfg.train.data_fraction, seed=cfg.train.seed)
     if cfg.train.epoch_repeat > 1:  # reference: VOC and Cityscapes see their training set 20 times per epoch
@@ -125,7 +125,7 @@ def validate(boot: Bootstrapper, shard: ray.data.DataIterator) -> dict[str, floa
     conf = np.zeros((cfg.data.n_classes, cfg.n_outputs), np.int64)
     boot.student.eval()
     for batch in shard.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"):
-        pred = predict(boot.encoder, boot.student, images_to_device(batch, boot.dev), size)
+        pred = predict(boot.encoder, boot.student, images_to_device(batch, boot.dev), size, None, cfg.eval.precision)
         conf += confusion_matrix(batch["gt"], pred, cfg.data.n_classes, cfg.n_outputs, IGNORE)
     boot.student.train()
     scores = scores_from_confusion(conf)
@@ -169,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
         round_, epoch = state["round"], state["epoch"] + 1
         best, group_sizes = state["best"], state.get("group_sizes", [])
     else:
-        best, group_sizes = {"val/score": -1.0}, []
+        best, group_sizes = {"val/score": INITIAL_BEST_SCORE}, []
     shard = ray.train.get_dataset_shard("train")
     epochs = cfg.train.round_epochs
     global_epoch = sum(epochs[:round_]) + epoch

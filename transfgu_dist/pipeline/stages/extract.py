@@ -59,7 +59,8 @@ class CropEncoder:
         crops_cfg = self.cfg.crops
         fg = None
         if crops_cfg.prior == "attention" and len(ids):
-            with autocast(self.dev):  # the prior's forwards in chunks of about one crop batch's tokens
+            # the prior's forwards in chunks of about one crop batch's tokens
+            with autocast(self.dev, crops_cfg.precision):
                 fg = torch.cat(
                     [
                         foreground_prior(self.encoder(x, with_patch=False).attn.float())
@@ -67,17 +68,18 @@ class CropEncoder:
                     ]
                 )
         # every window of every image classified at once, on the device (one batched summed-area table)
+        rule = {"rule": crops_cfg.window_rule, "patch_size": self.encoder.patch_size}
         kinds = classify_windows_batch(
-            fg, self.windows, crops_cfg.prior if ids else "none", crops_cfg.fg_min, crops_cfg.bg_min, images=len(ids)
+            fg, self.windows, crops_cfg.prior if ids else "none", crops_cfg.fg_min, crops_cfg.bg_min, len(ids), **rule
         ).cpu()
         image_idx, win = torch.nonzero(kinds != DROP, as_tuple=True)
-        frac = fg_fraction_batch(fg, self.windows).cpu()[image_idx, win] if fg is not None else torch.ones(len(win))
+        frac = torch.ones(len(win)) if fg is None else fg_fraction_batch(fg, self.windows, **rule).cpu()[image_idx, win]
         boxes_t = torch.cat([image_idx[:, None].float(), self.boxes[win]], dim=1)
         dtype = getattr(torch, self.cfg.crops.feature_dtype)
         features = [np.zeros((0, self.encoder.dim), self.cfg.crops.feature_dtype)]
         for chunk in boxes_t.to(self.dev).split(crops_cfg.batch_size) if len(boxes_t) else ():  # () if all bad
             crops = resize_crops(images, chunk, crops_cfg.crop_size, self.crop_resize)
-            with autocast(self.dev):
+            with autocast(self.dev, crops_cfg.precision):
                 features.append(self.encoder(crops, with_patch=False).cls.to(dtype).cpu().numpy())
         keep = win.numpy()
         table = pa.table(

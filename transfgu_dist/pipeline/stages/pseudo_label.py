@@ -1,8 +1,8 @@
 """Stage 3, pseudo-label: the bank of Grad-CAM response maps of all K concepts for every training image (Eqs 5-7).
 
 One Parquet row per image: image_id, path (relative to data.root: a moved output or data root keeps working), grid
-(h, w), the raw M^k of Eq. 7 as shared, terms and scale (transfgu_dist.io.bank: fp16 size, fp32 labels) and fg_prior
-(h*w bool: the binarised A_L^cls).
+(h, w), the raw M^k of Eq. 7 as shared, terms and scale (transfgu_dist.io.bank: terms in pseudo.terms_dtype, fp32
+labels) and fg_prior (h*w bool: the binarised A_L^cls).
 T_bg, normalisation and argmax are applied when loading
 (transfgu_dist.method.targets), so they can change without recomputing the bank.
 """
@@ -44,7 +44,8 @@ class ConceptMapper:
         ids = [str(i) for i in batch["image_id"][ok]]
         images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
         if ids:
-            with autocast(self.dev):  # Grad-CAM batches of pseudo.batch_size images; one part for the whole call
+            # Grad-CAM batches of pseudo.batch_size images; one part for the whole call
+            with autocast(self.dev, self.cfg.pseudo.precision):
                 cams = [
                     gradcam_terms(self.encoder, x, self.concepts, self.cfg.pseudo)
                     for x in images.split(self.cfg.pseudo.batch_size)
@@ -59,7 +60,7 @@ class ConceptMapper:
                 "image_id": pa.array(ids, pa.string()),
                 "path": pa.array([relative_path(self.cfg, str(u)) for u in batch["uri"][ok]], pa.string()),
                 "grid": parts.fixed_list(np.tile(np.array([h, w], np.int32), (len(ids), 1)), pa.int32()),
-                **bank.columns(shared, terms),
+                **bank.columns(shared, terms, self.cfg.pseudo.terms_dtype),
                 "fg_prior": parts.fixed_list(foreground_prior(attn.float()).flatten(1).cpu().numpy(), pa.bool_()),
             },
             metadata=self.settings,
