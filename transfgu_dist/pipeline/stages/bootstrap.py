@@ -192,6 +192,7 @@ def train_loop(config: dict[str, Any]) -> None:
             device=boot.dev,
             local_shuffle_buffer_size=4 * cfg.train.batch_size,
             local_shuffle_seed=cfg.train.seed + global_epoch,
+            drop_last=cfg.train.drop_last,
         ):
             for k, v in boot.step(bank.with_maps(batch), alpha_at(cfg, epoch)).items():
                 sums[k] = sums.get(k, 0.0) + v
