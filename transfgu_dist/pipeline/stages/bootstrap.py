@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
+import ray.train.collective
 import ray.train.torch
 import torch
 
@@ -67,12 +68,22 @@ def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray
     return {"image": batch["image"][ok], **{k: v[ok] for k, v in bank.unpack(batch).items()}}
 
 
-def training_dataset(cfg: Config) -> ray.data.Dataset:
+def epoch_seed(cfg: Config, epoch: int) -> int:
+    """The shuffle seed of a global epoch: a function of (train.seed, epoch) only, so a resumed run reshuffles as the
+    uninterrupted one did."""
+    return int(np.random.SeedSequence([cfg.train.seed, epoch]).generate_state(1)[0])
+
+
+def training_dataset(cfg: Config, epoch: int | None = None) -> ray.data.Dataset:
+    """The bank joined with its images; with `epoch`, the bank rows globally reshuffled by Ray Data first (the
+    authors reshuffle the whole training set, repeats included, every epoch)."""
     ds = bank.read(contract.output(cfg, "pseudo_label"), cfg.pseudo.terms_dtype)
     if cfg.train.data_fraction < 1:
         ds = ds.random_sample(cfg.train.data_fraction, seed=cfg.train.seed)
     if cfg.train.epoch_repeat > 1:  # reference: VOC and Cityscapes see their training set 20 times per epoch
         ds = ds.union(*[ds] * (cfg.train.epoch_repeat - 1))
+    if epoch is not None:
+        ds = ds.random_shuffle(seed=epoch_seed(cfg, epoch))
     return ds.map_batches(bank_rows, fn_kwargs={"cfg": cfg}, batch_size=cfg.train.batch_size, num_cpus=1)
 
 
@@ -117,6 +128,22 @@ def _export(cfg: Config, decoder: dict[str, torch.Tensor], round_: int, name: st
     buf = io.BytesIO()
     torch.save({"decoder": decoder, "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder), "round": round_}, buf)
     contract.output(cfg, "bootstrap").write_part(name, buf.getvalue())
+
+
+def epoch_shard(cfg: Config, epoch: int) -> ray.data.DataIterator:
+    """This worker's rows of global epoch `epoch`. train.shuffle=global: rank 0 reshuffles the whole training set
+    (training_dataset) and splits it equally between the workers, order kept; else the trainer's shard."""
+    if cfg.train.shuffle != "global":
+        return ray.train.get_dataset_shard("train")
+    ctx = ray.train.get_context()
+    shards = None
+    if ctx.get_world_rank() == 0:
+        ds = training_dataset(cfg, epoch)
+        ds.context.execution_options, ds.context.enable_progress_bars = ordered_ingest(), False
+        shards = ds.streaming_split(ctx.get_world_size(), equal=True)
+    if ctx.get_world_size() > 1:
+        shards = ray.train.collective.broadcast_from_rank_zero(shards)
+    return shards[ctx.get_world_rank()]
 
 
 def validate(boot: Bootstrapper, shard: ray.data.DataIterator) -> dict[str, float]:
@@ -170,7 +197,6 @@ def train_loop(config: dict[str, Any]) -> None:
         best, group_sizes = state["best"], state.get("group_sizes", [])
     else:
         best, group_sizes = {"val/score": INITIAL_BEST_SCORE}, []
-    shard = ray.train.get_dataset_shard("train")
     epochs = cfg.train.round_epochs
     global_epoch = sum(epochs[:round_]) + epoch
     resumed_at = global_epoch  # > 0 when this worker group continued from a checkpoint
@@ -187,11 +213,12 @@ def train_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
-        for batch in shard.iter_torch_batches(
+        local = cfg.train.shuffle == "local"
+        for batch in epoch_shard(cfg, global_epoch).iter_torch_batches(
             batch_size=cfg.train.batch_size,
             device=boot.dev,
-            local_shuffle_buffer_size=4 * cfg.train.batch_size,
-            local_shuffle_seed=cfg.train.seed + global_epoch,
+            local_shuffle_buffer_size=4 * cfg.train.batch_size if local else None,
+            local_shuffle_seed=cfg.train.seed + global_epoch if local else None,
             drop_last=cfg.train.drop_last,
         ):
             for k, v in boot.step(bank.with_maps(batch), alpha_at(cfg, epoch)).items():
@@ -238,9 +265,12 @@ def train_loop(config: dict[str, Any]) -> None:
 def make_trainer(
     cfg: Config, run_name: str, callbacks: list | None = None, mlflow_run: tuple[str, str] | None = None
 ) -> ray.train.torch.TorchTrainer:
-    """The TorchTrainer of all rounds: the bank-joined training set sharded per worker, the val set unsplit."""
+    """The TorchTrainer of all rounds: the val set unsplit, and under train.shuffle=local the bank-joined training set
+    sharded per worker (global: epoch_shard builds each epoch's; the bank is checked here either way)."""
     path, fs = storage.ray_storage(storage.join(cfg.output, "ray_train"))
-    datasets = {"train": training_dataset(cfg)}
+    train_set = training_dataset(cfg)
+    datasets = {"train": train_set} if cfg.train.shuffle == "local" else {}
+    split = list(datasets)
     if cfg.train.eval_every:
         datasets["val"] = val_dataset(cfg, list_samples(cfg, cfg.data.val_split))
     for ds in datasets.values():  # per-epoch bars from inside the workers only flood the logs; Train reports
@@ -249,7 +279,7 @@ def make_trainer(
         train_loop,
         train_loop_config={"cfg": cfg, "mlflow_run": mlflow_run},
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=split, execution_options=ordered_ingest()),
         scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name,
