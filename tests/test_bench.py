@@ -193,3 +193,16 @@ def test_backbones_mode_rejects_unknown_arch():
     with pytest.raises(SystemExit) as e:
         bench_job().main(["--size", "backbones", "--archs", "vit_small_patch8,nope"])
     assert e.value.code == 2
+
+
+def test_precision_mode_tiny(tmp_path):
+    """`--size precision`: each precision's argmax agreement with fp32 (Grad-CAM per K, fg prior, eval labels) and
+    the bank's stored terms against the fp32 maps. On a CPU tf32 is fp32 (all 1.0); fp32 terms keep every argmax."""
+    doc = bench_job().main(["--size", "precision", "--precision-size", "tiny", "--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(doc))
+    keys = {"gradcam_k5", "gradcam_k9", "fg_prior", "eval_labels"}
+    assert set(doc["precisions"]) == {"fp32", "tf32", "bf16"} and keys | {"seconds"} == set(doc["precisions"]["bf16"])
+    assert all(0 < doc["precisions"]["bf16"][k] <= 1 for k in keys)
+    if doc["device"] == "cpu":
+        assert all(doc["precisions"]["tf32"][k] == 1.0 for k in keys)
+    assert doc["bank"]["bank_terms_float32_k5"] == doc["bank"]["bank_terms_float32_k9"] == 1.0
