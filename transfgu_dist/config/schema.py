@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# the arithmetic an encoder use runs in (transfgu_dist.method.precision): fp32 is the authors' (reference)
+Precision = Literal["fp32", "tf32", "bf16"]
+
 
 class ConfigError(ValueError):
     """A configuration value, key or file is wrong; the message names where."""
@@ -78,7 +81,7 @@ class CropConfig:
     feature_dtype: Literal["float32", "float16"] = "float32"  # stored CLS features: float16 is half the size
     # reference: (b+1)-token windows, (b+1)*p-1 px, fg fraction over that pixel crop | paper: b tokens
     window_rule: Literal["reference", "paper"] = "reference"
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # encoder forwards: fp32 (reference) | tf32 | bf16 (method.precision)
+    precision: Precision = "fp32"  # the encoder forwards of extract
     batch_size: int = 64  # crops per encoder batch
     images_per_task: int = 4  # images per Ray Data read/decode task
     # images per Parquet part (one actor call): ~100 kept crops x ~0.8 KB (384 fp16 + box) = ~80 KB an image at
@@ -112,7 +115,7 @@ class PseudoLabelConfig:
     split_fg_bg: bool = False  # paper sec 4.2: fg pixels get no bg concepts and vice versa
     # stored per-concept terms: float32 (reference: every argmax kept) | float16 (half the size)
     terms_dtype: Literal["float32", "float16"] = "float32"
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # Grad-CAM forward and backward: fp32 (reference) | tf32 | bf16
+    precision: Precision = "fp32"  # Grad-CAM's forward and backward
     batch_size: int = 8  # images per Grad-CAM batch
     images_per_part: int = 256  # images per bank part: 27 x 40 x 40 fp32 terms = 179 KB an image, ~46 MB a part
 
@@ -170,7 +173,7 @@ class TrainConfig:
     per_batch_augment: bool = True  # reference: one photometric draw per batch
     best_by: Literal["miou_plus_acc", "miou"] = "miou_plus_acc"  # what best.pt maximises
     skip_nonpositive_loss: bool = True  # reference: no optimizer step when the total loss is <= 0
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # the frozen encoder's forward in training: fp32 (reference) | tf32 | bf16
+    precision: Precision = "fp32"  # the frozen encoder's forward in training
     drop_last: bool = True  # reference: each worker's last partial batch of an epoch is not trained on
     # global: the whole training set reshuffled every epoch, seeded by (seed, epoch) (the authors' loader) | local:
     # order-kept shards shuffled in a buffer of 4 batches (no all-to-all exchange)
@@ -187,7 +190,7 @@ class EvalConfig:
     checkpoint: str = ""  # "" = bootstrap/final.pt (last epoch), "best" = bootstrap/best.pt (best
     # epoch on val, the reference protocol's pick), or a checkpoint URI
     crf: bool = False  # dense-CRF refinement before scoring (crf.py; the paper reports without)
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # evaluate, predict and validation in training: fp32 (reference) | tf32 | bf16
+    precision: Precision = "fp32"  # evaluate, predict and validation during training
 
 
 @dataclass

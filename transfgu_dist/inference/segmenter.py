@@ -100,8 +100,8 @@ def load_decoder(uri: str, cfg: Config) -> MaskTransformer:
 def cluster_logits(
     encoder: ViTEncoder, decoder: MaskTransformer, images: torch.Tensor, precision: str = "fp32"
 ) -> torch.Tensor:
-    """Decoder masks (B, n_outputs, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), computed in `precision`
-    (method.precision), returned in float32."""
+    """Decoder masks (B, n_outputs, h, w) at the patch grid for float NCHW images in [0, 1] (Eq. 2), computed in
+    `precision` (method.precision), returned in float32."""
     with autocast(images.device, precision):
         return decoder(encoder(normalize(images)).patch).logits.float()
 

@@ -4,11 +4,14 @@ TF32 matrix units on CUDA; fp32 on CPU) or `bf16` (bf16 autocast; on CPU an emul
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Iterator
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+from transfgu_dist.config.schema import Precision
+
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
 @contextlib.contextmanager
