@@ -53,11 +53,11 @@ def test_end_to_end_outputs(run_dir):
     # cluster: K concepts of width d, foreground first
     with np.load(run_dir / "concepts" / "concepts.npz") as c:
         assert c["centroids"].shape == (K, d) and c["is_fg"].tolist() == [True] * 4 + [False] * 4
-    # pseudo-label bank: one row per training image, maps stored as shared fp32 + fp16 terms (transfgu_dist.io.bank)
+    # pseudo-label bank: one row per training image, maps stored as shared fp32 + fp32 terms (pseudo.terms_dtype)
     bank = read_table([str(p) for p in parquet_files(run_dir / "bank")])
     assert bank.num_rows == 12
     terms = list_values(bank.column("terms"), (K, 8, 8))
-    assert terms.dtype == np.float16 and np.nanmax(np.abs(terms)) <= 1 and not np.isinf(terms).any()
+    assert terms.dtype == np.float32 and np.nanmax(np.abs(terms)) <= 1 and not np.isinf(terms).any()
     assert list_values(bank.column("shared"), (8, 8)).dtype == np.float32
     assert list_values(bank.column("fg_prior"), (8, 8)).dtype == bool
     # bootstrap: a checkpoint per round and the final one
