@@ -81,7 +81,8 @@ def test_bank_of_other_terms_dtype_fails_in_one_line(tmp_path):
     import pyarrow.parquet as pq
 
     old = tmp_path / "part-old.parquet"
-    pq.write_table(pa.table(bank.columns(torch.ones(1, 2, 2), torch.zeros(1, 3, 2, 2), "float16")), old)
+    columns = bank.columns(torch.ones(1, 2, 2), torch.zeros(1, 3, 2, 2), "float16")
+    pq.write_table(pa.table({"path": ["a.png"], **columns}), old)
     with pytest.raises(ValueError, match=r"part-old.parquet: expected bank terms of float32 \(pseudo.terms_dtype\), "):
         bank.check_part(str(old))
     bank.check_part(str(old), "float16")
