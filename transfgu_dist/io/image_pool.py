@@ -11,7 +11,7 @@ import ray
 import torch
 
 from transfgu_dist.io import storage
-from transfgu_dist.io.images import BadImageError, decode_image, to_float_batch
+from transfgu_dist.io.images import BadImageError, decode_image, model_batch, model_input
 from transfgu_dist.io.storage_errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -40,15 +40,12 @@ def actor_device() -> torch.device:
 def load_images(
     batch: dict[str, np.ndarray], size: tuple[int, int], method: str = "antialias"
 ) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: read and decode images, resize to `size` (images.to_float_batch `method`); unreadable
-    ones are flagged, not fatal."""
+    """Ray Data CPU task: read and decode images, each preprocessed by images.model_input (`size`, `method`);
+    unreadable ones are flagged, not fatal."""
     images, ok = [], []
     for uri in batch["uri"]:
         try:
-            img = decode_image(storage.read_bytes(uri), uri)
-            images.append(
-                to_float_batch(img, size, method)[0].mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            )
+            images.append(model_input(decode_image(storage.read_bytes(uri), uri), size, method))
             ok.append(True)
         except (BadImageError, StorageError) as e:
             log.warning("skipping image: %s", e)
@@ -58,5 +55,5 @@ def load_images(
 
 
 def images_to_device(batch: dict[str, np.ndarray], dev: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on `dev`."""
-    return torch.from_numpy(batch["image"]).to(dev).permute(0, 3, 1, 2).float().div_(255)
+    """A batch's images -> the float encoder input on `dev` (images.model_batch)."""
+    return model_batch(batch["image"], dev)

@@ -12,14 +12,34 @@ from transfgu_dist.io import parts, storage
 from transfgu_dist.io.datasets import Sample
 from transfgu_dist.io.image_pool import actor_pool, load_images
 from transfgu_dist.io.stage_output import StageOutput
-from transfgu_dist.pipeline.console import track
+from transfgu_dist.pipeline.console import images_done
 from transfgu_dist.pipeline.contract import StageResult
 
 log = logging.getLogger(__name__)
 
 
+class ImagesDone:
+    """In an image stage's actor: reports to the driver's progress queue (console.images_done; None: no report)
+    how many images of the current call its encoder finished, as it finishes them."""
+
+    def __init__(self, queue: Any = None):
+        self.queue, self.n = queue, 0
+
+    def upto(self, n: int) -> None:
+        """The first `n` images of this call are done."""
+        if self.queue is not None and n > self.n:
+            self.queue.put_nowait(n - self.n)
+        self.n = max(self.n, n)
+
+    def finish(self, n: int) -> None:
+        """All `n` images of this call are done (unreadable ones included); the next call starts from 0."""
+        self.upto(n)
+        self.n = 0
+
+
 def list_bad_images(out: StageOutput, bad: list[str], total: int) -> None:
-    """`<out>/bad_images.txt`, one image id a line, and one warning, when some of the `total` images were skipped."""
+    """`<out>/bad_images.txt`, one file path (URI) a line, and one warning, when some of the `total` images were
+    skipped (`bad`: their URIs)."""
     if bad:
         listed = storage.join(out.uri, "bad_images.txt")
         storage.write_bytes(listed, "\n".join(sorted(bad)).encode())
@@ -57,7 +77,7 @@ def run_image_stage(
     GPUs); each actor call gets `images_per_part` images (bundled from the `images_per_task` decode tasks) and
     writes one Parquet part, batching its encoder work internally. A rerun skips every image a published part
     covers, and each image is left in exactly one part before the commit (parts.deduplicate). The actor returns
-    one row per part with its number of `images` (unreadable ones included), counted on the `stage`'s progress.
+    one row per part; as its encoder finishes images it counts them on the `stage`'s progress (ImagesDone).
     """
     if out.is_committed():
         return image_result(stage, out, out.manifest(), 0)
@@ -74,9 +94,11 @@ def run_image_stage(
         ds = ds.map_batches(
             load_images, fn_kwargs={"size": size, "method": resize}, batch_size=images_per_task, num_cpus=1
         )
-        ds = ds.map_batches(actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool())
-        for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
-            pass
+        with images_done(stage, len(pending)) as progress:
+            kwargs = {**actor_kwargs, "progress": progress}
+            ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=images_per_part, **actor_pool())
+            for _ in ds.iter_rows():
+                pass
     removed, cover = parts.deduplicate(out)
     if removed:
         log.warning(
@@ -91,7 +113,8 @@ def run_image_stage(
         raise RuntimeError(
             f"{out.uri}: {len(missing)} images were not processed, e.g. {[s.image_id for s in missing[:3]]}"
         )
-    list_bad_images(out, bad, len(samples))
+    uris = {s.image_id: s.image for s in samples}
+    list_bad_images(out, [uris[i] for i in bad], len(samples))
     manifest = out.commit(
         {"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover), **extra_manifest}
     )

@@ -28,7 +28,7 @@ from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.io import bank, storage
 from transfgu_dist.io.concepts_file import load_concepts
-from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.datasets import has_labels, list_samples
 from transfgu_dist.io.image_pool import cluster_gpus, images_to_device, load_images
 from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.io.weights import build_encoder
@@ -84,6 +84,12 @@ def _export(cfg: Config, decoder: dict[str, torch.Tensor], round_: int, name: st
     buf = io.BytesIO()
     torch.save({"decoder": decoder, "n_outputs": cfg.n_outputs, "encoder": asdict(cfg.encoder), "round": round_}, buf)
     contract.output(cfg, "bootstrap").write_part(name, buf.getvalue())
+
+
+def validates(cfg: Config) -> bool:
+    """Validation mIoU during training: every `train.eval_every` epochs where the data has labels. Without labels
+    there is no label-free rule for a best epoch: no best.pt is written and final.pt is the model."""
+    return cfg.train.eval_every > 0 and has_labels(cfg)
 
 
 def validate(boot: Bootstrapper, shard: ray.data.DataIterator) -> dict[str, float]:
@@ -156,7 +162,7 @@ def train_loop(config: dict[str, Any]) -> None:
             steps=steps,
             resumed_at=resumed_at,
         )
-        if rank0 and cfg.train.eval_every and (global_epoch + 1) % cfg.train.eval_every == 0:
+        if rank0 and validates(cfg) and (global_epoch + 1) % cfg.train.eval_every == 0:
             metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
             score = selection_score(metrics, cfg.train.best_by)
             if score > best["val/score"]:  # reference protocol: best epoch on val, kept apart
@@ -188,7 +194,7 @@ def make_trainer(
     path, fs = storage.ray_storage(storage.join(cfg.output, "ray_train"))
     use_gpu = cfg.train.use_gpu if cfg.train.use_gpu is not None else cluster_gpus() > 0
     datasets = {"train": training_dataset(cfg)}
-    if cfg.train.eval_every:
+    if validates(cfg):
         datasets["val"] = val_dataset(cfg, list_samples(cfg, cfg.data.val_split))
     for ds in datasets.values():  # per-epoch bars from inside the workers only flood the logs; Train reports
         ds.context.enable_progress_bars = False
@@ -255,7 +261,7 @@ def export_best(cfg: Config, checkpoint: ray.train.Checkpoint | None) -> dict[st
         return {}
     with checkpoint.as_directory() as d:
         best = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)["best"]
-    if "decoder" not in best:  # no validation ran (train.eval_every=0)
+    if "decoder" not in best:  # no validation ran (train.eval_every=0, or no labels)
         return {}
     _export(cfg, best["decoder"], best["round"], "best.pt")
     return {"best": "best.pt", "best_epoch": best["global_epoch"], "best_miou": best["val/miou"]}
