@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import time
 
 import pytest
 
@@ -112,3 +113,30 @@ def test_demo_logs_the_model_to_mlflow(e2e_run):
     model = mlflow.pyfunc.load_model(uri)
     labels = model.predict(np.zeros((64, 64, 3), np.uint8))
     assert len(labels) == 1 and labels[0].shape == (64, 64)
+
+
+def test_progress_off_a_terminal_shows_a_line_when_nothing_moved(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, "transfgu_dist")
+    monkeypatch.setattr(console.Progress, "every", 0.2)
+    progress = console.Progress("extract", 5, tty=False)
+    time.sleep(0.5)  # no image done yet: a line is due anyway
+    progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("extract: 0/5 images [") and lines[-1].startswith("extract: 0/5 images [")
+    assert len(lines) >= 2
+
+
+def test_images_done_reports_each_image_once_per_call():
+    import queue as stdlib_queue  # the put_nowait of ray.util.queue.Queue, in-process
+
+    from transfgu_dist.pipeline.image_stage import ImagesDone
+
+    queue = stdlib_queue.Queue()
+    done = ImagesDone(queue)
+    done.upto(2)
+    done.upto(2)  # no new image
+    done.upto(5)
+    done.finish(6)  # an unreadable sixth image counted at the end
+    done.upto(1)  # the next call starts from 0
+    assert [queue.get_nowait() for _ in range(queue.qsize())] == [2, 3, 1, 1]
+    ImagesDone(None).finish(4)  # no queue: nothing to report

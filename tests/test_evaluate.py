@@ -86,8 +86,9 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
     assert metrics["n_images"] == 6 and metrics["bad_images"] == ["zzz_broken"] and metrics["n_bad_images"] == 1
-    # listed like the other stages' skipped images, with the reason
-    assert (out / "bad_images.txt").read_text() == "zzz_broken\timage or label unreadable"
+    # listed like the other stages' skipped images: the file path and the reason
+    bad_line = str(data_dir / "images" / "val" / "zzz_broken.png") + "\timage or label unreadable"
+    assert (out / "bad_images.txt").read_text() == bad_line
     assert list(metrics["per_class_iou"]) == list(synthetic.CLASS_NAMES)
     assert len(metrics["matching"]) == cfg.n_outputs
     assert metrics["checkpoint"] == "bootstrap/final.pt"  # relative to the output: a moved one scores its own
@@ -143,3 +144,44 @@ def test_class_names(tmp_path):
     (tmp_path / "classes.txt").write_text("sky\n")
     with pytest.raises(ValueError, match="1 class names, but data.n_classes = 2"):
         class_names(folder)
+
+
+@pytest.mark.slow
+def test_a_class_absent_from_gt_and_prediction_logs_no_nan_and_reruns(tmp_path):
+    """A decoder of zeros predicts cluster 0 everywhere; class 0 is relabelled `ignore`, so classes absent from
+    the ground truth and the matched prediction have no IoU: evaluate and its rerun exit 0, MLflow holds no NaN."""
+    import numpy as np
+    from conftest import job
+    from mlflow.tracking import MlflowClient
+
+    data = tmp_path / "data"
+    synthetic.write_dataset(data, n_train=0, n_val=4, size=(SIZE, SIZE))
+    gts = []
+    for f in sorted((data / "labels" / "val").iterdir()):
+        gt = np.array(Image.open(f))
+        gt[gt == 0] = 255
+        Image.fromarray(gt).save(f)
+        gts.append(gt)
+    cfg = make_config(tmp_path / "run", data)
+    decoder = MaskTransformer(ARCHS[cfg.encoder.arch][1], cfg.n_outputs, cfg.decoder)
+    for p in decoder.parameters():
+        torch.nn.init.zeros_(p)
+    save_checkpoint(cfg, tmp_path / "run" / "bootstrap" / "final.pt", decoder=decoder.state_dict())
+    args = [f"output={tmp_path / 'run'}", f"data.root={data}", f"eval.image_size=[{SIZE}, {SIZE}]"]
+    args += ["encoder.arch=vit_tiny_test", "encoder.weights=random", "eval.n_overlays=1"]
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"}
+    first, again = job("evaluate", *args, env=store), job("evaluate", *args, env=store)
+    counts = np.bincount(np.concatenate([g.ravel() for g in gts]), minlength=256)[: cfg.data.n_classes]
+    present = int((counts > 0).sum())  # cluster 0 takes the largest class; the other present classes score 0
+    expected = counts.max() / counts.sum() / present
+    metrics = json.loads((tmp_path / "run" / "evaluate" / "metrics.json").read_text())
+    assert present < cfg.data.n_classes and metrics["miou"] == pytest.approx(expected, rel=1e-9)
+    assert [v is None for v in metrics["per_class_iou"].values()] == list(counts == 0)
+    assert f"the {present} of {cfg.data.n_classes} classes present" in metrics["miou_over"]
+    assert f"mIoU {100 * expected:.2f}" in first and f"mIoU {100 * expected:.2f}" in again
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = [(r.info.run_name, k, v) for r in runs for k, v in r.data.metrics.items()]
+    assert len(runs) == 4 and all(np.isfinite(v) for _, _, v in logged), logged
+    iou = {k for name, k, _ in logged if name == "evaluate" and k.startswith("iou/")}
+    assert iou == {f"iou/{c}" for c, n in zip(synthetic.CLASS_NAMES, counts) if n}

@@ -110,3 +110,22 @@ def test_cmyk_jpeg_becomes_rgb():
     Image.new("CMYK", (4, 3), (0, 255, 255, 0)).save(buf, format="JPEG")  # pure red in CMYK
     img = decode_image(buf.getvalue(), "cmyk.jpg")
     assert img.shape == (3, 4, 3) and img[..., 0].min() > 200 and img[..., 1:].max() < 60
+
+
+def test_as_rgb_scales_16_bit_pil_images_and_arrays_as_decoding_does():
+    from transfgu_dist.io.images import as_rgb, model_input
+
+    values = np.array([[0, 257, 514], [65535, 128, 129]], np.uint16)  # v / 257 rounded: 0, 1, 2, 255, 0, 1
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    decoded = decode_image(buf.getvalue(), "gray16.png")
+    pil = Image.open(io.BytesIO(buf.getvalue()))
+    assert pil.mode == "I;16"
+    expected = np.repeat(np.array([[0, 1, 2], [255, 0, 1]], np.uint8)[..., None], 3, axis=2)
+    for way in (decoded, as_rgb(pil), as_rgb(values), as_rgb(values.astype(np.int32))):
+        np.testing.assert_array_equal(way, expected)
+    assert as_rgb(np.array([[0.5]], np.float32)).tolist() == [[[128, 128, 128]]]  # floats are [0, 1]
+    # the one preprocessing: resized by the method, then rounded to uint8 (a 2 -> 1 pixel mean of 1 and 2 is 1.5 -> 2)
+    row = np.array([[[1, 1, 1], [2, 2, 2]]], np.uint8)
+    assert model_input(row, (1, 1), "bilinear").tolist() == [[[2, 2, 2]]]
+    assert model_input(Image.fromarray(values), (2, 3)).dtype == np.uint8

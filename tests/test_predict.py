@@ -57,14 +57,14 @@ def local_ray():
     ray.shutdown()
 
 
-def check_outputs(out: str, report) -> None:
+def check_outputs(src: str, out: str, report) -> None:
     assert report.bad == ["broken"] and report.images == len(SIZES)
     for name, (h, w) in SIZES.items():
         labels = decode_image(storage.read_bytes(storage.join(out, "labels", f"{name}.png")), name)
         assert labels.shape[:2] == (h, w)  # at the original resolution
         overlay = Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "overlays", f"{name}.png"))))
         assert overlay.height >= 320
-    assert storage.read_bytes(storage.join(out, "bad_images.txt")).decode().split() == ["broken"]
+    assert storage.read_bytes(storage.join(out, "bad_images.txt")).decode().split() == [storage.join(src, "broken.png")]
 
 
 def test_predict_odd_images_local_and_s3_resumes(trained, local_ray, tmp_path, s3_bucket, s3_server):
@@ -77,10 +77,10 @@ def test_predict_odd_images_local_and_s3_resumes(trained, local_ray, tmp_path, s
     for inputs, out in [(str(src), str(tmp_path / "out")), (f"{s3_bucket}/in", f"{s3_bucket}/out")]:
         report = run_predict(seg, inputs, out, batch_size=2)
         assert report.processed == len(SIZES)
-        check_outputs(out, report)
+        check_outputs(inputs, out, report)
     again = run_predict(seg, str(src), str(tmp_path / "out"))
     assert again.processed == 0 and "0 images segmented" in again.summary()
-    check_outputs(str(tmp_path / "out"), again)
+    check_outputs(str(src), str(tmp_path / "out"), again)
     labels = np.array(Image.open(tmp_path / "out" / "labels" / "portrait.png"))
     assert set(np.unique(labels)) <= set(range(len(seg.class_names))) | {254}  # matched class ids
 

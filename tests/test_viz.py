@@ -59,3 +59,16 @@ def test_confusion_matrix_png():
 def test_per_class_iou_png():
     img = open_png(per_class_iou_png(np.array([0.5, np.nan, 0.9]), NAMES))
     assert img.width == 600  # 6 inch x 100 dpi
+
+
+def test_panels_are_capped_so_text_keeps_its_size():
+    from transfgu_dist.inference.viz import cluster_sheet_png, panel_size
+
+    assert panel_size(30, 40) == (330, 440)  # x11: the short side reaches 320
+    assert panel_size(1630, 4030) == (388, 960)  # the long side capped at 960
+    assert panel_size(400, 900) == (400, 900)
+    big = overlay_panel(np.zeros((1630, 4030, 3), np.uint8), None, np.zeros((1630, 4030), np.int64), ["sky"])
+    assert Image.open(io.BytesIO(big)).width < 2 * 960 + 100  # two panels of 960 px, not of 4030
+    image, mask = np.full((8, 8, 3), 200, np.uint8), np.eye(8, dtype=bool)
+    sheet = np.asarray(Image.open(io.BytesIO(cluster_sheet_png("cluster 3", [(image, mask)] * 2))).convert("RGB"))
+    assert sheet.shape[1] >= 2 * 320 and {50, 200} <= set(np.unique(sheet))  # shown 200, darkened 200 * 0.25

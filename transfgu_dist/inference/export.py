@@ -1,9 +1,10 @@
 """Export a trained Segmenter as one self-contained file and as an MLflow model.
 
-The artifact (Segmenter.artifact: decoder weights and config, the encoder's arch and weights source, the eval
-size, class names and matching) reloads with `Segmenter.from_checkpoint(uri)` without the training config. The
-MLflow model is a pyfunc wrapping that file: `mlflow.pyfunc.load_model(uri).predict(image)` gives label maps.
-Optionally encoder + decoder are traced to TorchScript at the eval size (export_torchscript).
+The artifact (Segmenter.artifact: decoder weights and config, the encoder's arch, weights source and, unless opted
+out, its weights, the eval size, class names and matching) reloads with `Segmenter.from_checkpoint(uri)` without the
+training config, offline. The MLflow model is a pyfunc wrapping that file: `mlflow.pyfunc.load_model(uri)
+.predict(image)` gives label maps. Optionally encoder + decoder are traced to TorchScript at the eval size
+(export_torchscript).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ except ImportError:  # MLflow is only needed for log_mlflow_model
     PythonModel = object
 
 
-def export(seg: Segmenter, uri: str) -> str:
-    """Write the artifact to `uri` (local or s3://) atomically; returns `uri`."""
+def export(seg: Segmenter, uri: str, embed_encoder: bool = True) -> str:
+    """Write the artifact (Segmenter.artifact, the encoder weights embedded unless `embed_encoder` is False) to
+    `uri` (local or s3://) atomically; returns `uri`."""
     buf = io.BytesIO()
-    torch.save(seg.artifact(), buf)
+    torch.save(seg.artifact(embed_encoder), buf)
     storage.write_bytes(uri, buf.getvalue())
     return uri
 
@@ -93,7 +95,7 @@ class NoSignatureNotice(logging.Filter):
         self.logger.removeFilter(self)
 
 
-def log_mlflow_model(seg: Segmenter, name: str = "segmenter") -> str:
+def log_mlflow_model(seg: Segmenter, name: str = "segmenter", embed_encoder: bool = True) -> str:
     """Log the artifact as a pyfunc model (mlflow_model.py, with this package as code) to the active MLflow run;
     the model URI. No signature on purpose: the input is an image of any size or a list of them, which no MLflow
     schema describes, so MLflow's notice that it inferred none is not shown."""
@@ -102,7 +104,7 @@ def log_mlflow_model(seg: Segmenter, name: str = "segmenter") -> str:
     package = os.path.dirname(os.path.abspath(__file__))
     notices = logging.getLogger("mlflow.pyfunc")
     with tempfile.TemporaryDirectory() as d, NoSignatureNotice(notices):
-        path = export(seg, os.path.join(d, "segmenter.pt"))
+        path = export(seg, os.path.join(d, "segmenter.pt"), embed_encoder)
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=os.path.join(package, "mlflow_model.py"),

@@ -6,8 +6,8 @@ image's ORIGINAL resolution, `labels/<id>.png` (8-bit: class ids through an eval
 254 for unmatched clusters; raw cluster ids without a matching) and `overlays/<id>.png` (image | prediction with
 a legend); with `probs`, also the per-pixel cluster probabilities (fp16, at the original resolution) of each batch
 as one Parquet part `probs/part-<hash of its ids>.parquet` (read_probs). Every file is written atomically and the
-label PNGs last, so a rerun skips the images whose label PNG exists; unreadable images are listed in
-`bad_images.txt` (and skipped on reruns), never fatal. With a Segmenter.sliding window the actor runs the
+label PNGs last, so a rerun skips the images whose label PNG exists; unreadable images are listed (their paths)
+in `bad_images.txt` (and skipped on reruns), never fatal. With a Segmenter.sliding window the actor runs the
 windows on each image at its original resolution instead of the resized batch.
 """
 
@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +30,7 @@ import ray
 from PIL import Image
 
 from transfgu_dist.config import ResourcesConfig
-from transfgu_dist.inference.segmenter import Segmenter, SlidingWindow, cluster_logits
+from transfgu_dist.inference.segmenter import UNMATCHED, Segmenter, SlidingWindow, cluster_logits
 from transfgu_dist.inference.viz import overlay_panel
 from transfgu_dist.io import storage
 from transfgu_dist.io.image_pool import actor_device, actor_pool, images_to_device, load_images
@@ -127,9 +129,7 @@ class PredictWriter:
     ):
         self.seg = Segmenter.from_artifact(artifact).to(actor_device())
         self.seg.crf, self.seg.sliding = crf, sliding
-        self.output, self.probs = output, probs
-        n = self.seg.decoder.n_outputs
-        self.names = self.seg.class_names if self.seg.matching is not None else [f"cluster {k}" for k in range(n)]
+        self.output, self.probs, self.names = output, probs, self.seg.legend()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         grids = (
@@ -166,13 +166,14 @@ class PredictWriter:
         return {"image_id": batch["image_id"], "ok": ok}
 
 
-def done_ids(output: str) -> tuple[set[str], set[str]]:
-    """Images with a label PNG in `output`, and the ones an earlier run listed as unreadable."""
+def done_ids(output: str, items: dict[str, str]) -> tuple[set[str], set[str]]:
+    """Images (ids of `items`, id -> URI) with a label PNG in `output`, and the ones an earlier run listed as
+    unreadable in `bad_images.txt` (one URI a line)."""
     base = storage.join(output, "labels").rstrip("/") + "/"
     done = {posixpath.splitext(f[len(base) :])[0] for f in storage.list_files(base.rstrip("/"), (".png",))}
     listed = storage.join(output, "bad_images.txt")
-    bad = set(storage.read_bytes(listed).decode().split()) if storage.exists(listed) else set()
-    return done, bad
+    uris = set(storage.read_bytes(listed).decode().splitlines()) if storage.exists(listed) else set()
+    return done, {i for i, u in items.items() if u in uris}
 
 
 def run_predict(
@@ -182,13 +183,15 @@ def run_predict(
     batch_size: int = 16,
     probs: bool = False,
     resources: ResourcesConfig | None = None,
+    progress: Callable[[Iterator[dict], int], Iterator[dict]] | None = None,
 ) -> PredictReport:
     """Segment every image under `inputs` not yet in `output` (see the module docstring); `probs` also writes the
-    per-pixel probabilities. `resources`: the actor pool's (image_pool.actor_pool); None: one actor per GPU present,
-    else one CPU actor."""
+    per-pixel probabilities; `progress(rows, n)` wraps the per-image result rows as they complete (a console
+    display), and the legend of the label values is written as `names.json`. `resources`: the actor pool's
+    (image_pool.actor_pool); None: one actor per GPU present, else one CPU actor."""
     start = time.perf_counter()
     items = list_inputs(inputs)
-    done, bad = done_ids(output)
+    done, bad = done_ids(output, items)
     pending = [(i, u) for i, u in items.items() if i not in done | bad]
     log.info(
         "predict: %d images, %d already done or unreadable, %d to segment",
@@ -204,18 +207,23 @@ def run_predict(
             batch_size=batch_size,
             num_cpus=resources.decode_cpus if resources else 1,
         )
+        legend = dict(enumerate(seg.legend()))
+        if seg.matching is not None:
+            legend[UNMATCHED] = "unmatched cluster"
+        storage.write_bytes(storage.join(output, "names.json"), json.dumps(legend, indent=1).encode())
         writer = {"artifact": seg.artifact(), "output": output, "crf": seg.crf, "sliding": seg.sliding, "probs": probs}
         resources = resources or ResourcesConfig(actor_gpus=None)
         ds = ds.map_batches(PredictWriter, fn_constructor_kwargs=writer, batch_size=batch_size, **actor_pool(resources))
-        rows = ds.take_all()
+        rows = list((progress or (lambda r, n: r))(ds.iter_rows(), len(pending)))
         new_bad = {r["image_id"] for r in rows if not r["ok"]}
         if new_bad:
             bad |= new_bad
-            storage.write_bytes(storage.join(output, "bad_images.txt"), "\n".join(sorted(bad)).encode())
+            listed = "\n".join(sorted(items[i] for i in bad))
+            storage.write_bytes(storage.join(output, "bad_images.txt"), listed.encode())
             log.warning(
                 "predict: %d unreadable images (listed in %s)", len(new_bad), storage.join(output, "bad_images.txt")
             )
-    done, _ = done_ids(output)
+    done, _ = done_ids(output, items)
     return PredictReport(
         len(done & items.keys()),
         len(pending) - len(bad & {i for i, _ in pending}),

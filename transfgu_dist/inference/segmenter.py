@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from transfgu_dist.config import ARCHS, Config, DecoderConfig, EncoderConfig
 from transfgu_dist.io import storage
-from transfgu_dist.io.images import to_float_batch
+from transfgu_dist.io.images import as_rgb, model_batch, model_input, to_float_batch
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.crf import CRFConfig, dense_crf
 from transfgu_dist.method.decoder import MaskTransformer
@@ -181,23 +181,6 @@ def sliding_logits(
     return F.interpolate(logits[None], size=(H, W), mode="bilinear", align_corners=False)[0]
 
 
-def _as_uint8_rgb(image: Any) -> np.ndarray:
-    """A PIL image, an HWC uint8 / float [0, 1] array, or a CHW / HW tensor -> uint8 RGB (H, W, 3)."""
-    if hasattr(image, "convert"):  # PIL
-        return np.array(image.convert("RGB"), dtype=np.uint8)
-    if isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        image = (t.permute(1, 2, 0) if t.ndim == 3 and t.shape[0] in (1, 3) else t).numpy()
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        a = (np.clip(a.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
-        raise ValueError(f"expected an image (H, W[, 1|3|4]) or a PIL image, got shape {a.shape}")
-    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[..., :3]
-
-
 @dataclass
 class Segmenter:
     encoder: ViTEncoder
@@ -251,7 +234,8 @@ class Segmenter:
 
     @classmethod
     def from_artifact(cls, art: dict[str, Any], uri: str = "artifact") -> Segmenter:
-        """The inverse of `artifact()`; the encoder is rebuilt from its arch and weights source."""
+        """The inverse of `artifact()`: the encoder from its embedded weights, else rebuilt from its weights
+        source (which must then be reachable)."""
         missing = [k for k in ARTIFACT_KEYS if k not in art]
         if missing:
             raise CheckpointError(
@@ -262,8 +246,13 @@ class Segmenter:
         decoder = _build_decoder(
             uri, art["decoder"], ARCHS[enc.arch][1], art["n_outputs"], dec, "expected an exported segmenter"
         )
+        if art.get("encoder_weights") is None:
+            encoder = build_encoder(enc)
+        else:
+            encoder = build_encoder(EncoderConfig(arch=enc.arch, weights="random"))
+            encoder.vit.load_state_dict(art["encoder_weights"])
         return cls(
-            build_encoder(enc),
+            encoder,
             decoder,
             enc,
             dec,
@@ -280,20 +269,36 @@ class Segmenter:
         self.decoder.to(self.device).eval()
         return self
 
-    def artifact(self) -> dict[str, Any]:
-        """The self-contained export (decoder weights; the encoder as its arch + weights source)."""
+    def artifact(self, embed_encoder: bool = True) -> dict[str, Any]:
+        """The self-contained export: decoder weights, the encoder's arch and weights source, and (`embed_encoder`)
+        the encoder's weights, so it reloads offline; without them the weights source must be reachable."""
         return {
             "format": ARTIFACT_FORMAT,
             "decoder": self.decoder.state_dict(),
             "n_outputs": self.decoder.n_outputs,
             "decoder_config": asdict(self.decoder_cfg),
             "encoder": asdict(self.encoder_cfg),
+            "encoder_weights": {k: v.cpu() for k, v in self.encoder.vit.state_dict().items()}
+            if embed_encoder
+            else None,
             "image_size": list(self.image_size),
             "class_names": list(self.class_names),
             "matching": None if self.matching is None else self.matching.tolist(),
             "resize": self.resize,
             "precision": self.precision,
         }
+
+    def name_clusters(self, names: list[str]) -> None:
+        """Name the clusters (one name per cluster): label maps then hold cluster ids and legends these names; an
+        evaluate run's matching is no longer applied."""
+        self.class_names, self.matching = list(names), None
+
+    def legend(self) -> list[str]:
+        """The name of each label value: matched class names, cluster names (name_clusters), else `cluster <k>`."""
+        n = self.decoder.n_outputs
+        if self.matching is not None or len(self.class_names) == n:
+            return list(self.class_names)
+        return [f"cluster {k}" for k in range(n)]
 
     def to_classes(self, clusters: np.ndarray) -> np.ndarray:
         """Cluster ids -> class ids through the matching (unmatched: UNMATCHED); raw clusters without one."""
@@ -302,16 +307,17 @@ class Segmenter:
         return np.where(self.matching >= 0, self.matching, UNMATCHED).astype(np.uint8)[clusters]
 
     def logits(self, images: Sequence[Any]) -> torch.Tensor:
-        """Cluster logits (B, n_outputs, h, w) at the patch grid for images resized to `image_size`."""
-        batch = to_float_batch([_as_uint8_rgb(im) for im in images], self.image_size, self.resize).to(self.device)
-        return cluster_logits(self.encoder, self.decoder, batch, self.precision)
+        """Cluster logits (B, n_outputs, h, w) at the patch grid for images preprocessed as everywhere
+        (images.model_input)."""
+        batch = np.stack([model_input(im, self.image_size, self.resize) for im in images])
+        return cluster_logits(self.encoder, self.decoder, model_batch(batch, self.device), self.precision)
 
     def segment(self, images: Any) -> list[np.ndarray]:
         """Label maps (uint8, each at its image's size): matched class ids, or cluster ids without a matching.
         `images`: one image or a list of PIL images / numpy arrays / tensors of any sizes."""
         single = hasattr(images, "convert") or (hasattr(images, "ndim") and images.ndim in (2, 3))
         images = [images] if single else list(images)
-        rgb = [_as_uint8_rgb(im) for im in images]
+        rgb = [as_rgb(im) for im in images]
         grids = self.logits(rgb) if self.sliding is None else [None] * len(rgb)
         return [self.labels(self.scores(im, grid)) for grid, im in zip(grids, rgb)]
 

@@ -26,6 +26,27 @@ def palette(n: int) -> np.ndarray:
 
 UNMATCHED_RGB = (150, 150, 150)  # clusters without a class (grey; black stays "ignored")
 PANEL_MIN_SIDE = 320  # panels are upscaled (nearest) until their short side is at least this
+PANEL_MAX_SIDE = 960  # and downscaled (nearest) until their long side is at most this: titles and legends keep
+# their size relative to the panel (a 4030 x 1630 photo had ~10 px text at full size)
+
+
+def panel_size(h: int, w: int) -> tuple[int, int]:
+    """The drawn (height, width) of an ``h x w`` panel: an integer upscale to a short side >= PANEL_MIN_SIDE, or a
+    downscale to a long side <= PANEL_MAX_SIDE, aspect kept."""
+    if max(h, w) > PANEL_MAX_SIDE:
+        f = PANEL_MAX_SIDE / max(h, w)
+        return max(1, round(h * f)), max(1, round(w * f))
+    scale = max(1, -(-PANEL_MIN_SIDE // min(h, w)))
+    return h * scale, w * scale
+
+
+def resized(panel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An RGB panel at ``size`` (h, w), nearest neighbour (label colours stay unmixed)."""
+    from PIL import Image
+
+    if panel.shape[:2] == size:
+        return panel
+    return np.asarray(Image.fromarray(panel).resize((size[1], size[0]), Image.Resampling.NEAREST))
 
 
 def colourise(image: np.ndarray, label: np.ndarray, n_classes: int, ignore_index: int = IGNORE) -> np.ndarray:
@@ -42,7 +63,7 @@ def overlay_panel(
     image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray, class_names: list[str], ignore_index: int = IGNORE
 ) -> bytes:
     """PNG of titled ``image | ground truth | prediction`` panels (no ground-truth panel when ``gt`` is None)
-    with a legend of the class names and colours present, at a readable size (short side >= 320 px).
+    with a legend of the class names and colours present, at a readable size (panel_size).
 
     ``pred`` holds class ids (clusters mapped through the Hungarian matching); values outside
     ``[0, len(class_names))`` other than ``ignore_index`` are unmatched clusters, drawn grey; ignored pixels black.
@@ -55,12 +76,11 @@ def overlay_panel(
             raise ValueError(f"image {image.shape[:2]} and {title} {lab.shape} must match")
     n = len(class_names)
     panels = [("image", image)] + [(t, colourise(image, lab, n, ignore_index)) for t, lab in labels]
-    scale = max(1, -(-PANEL_MIN_SIDE // min(image.shape[:2])))
-    h, w = image.shape[0] * scale, image.shape[1] * scale
+    h, w = panel_size(*image.shape[:2])
     fig = _figure(len(panels) * w / 100 + 0.3, h / 100 + 1.3)
     for i, (title, panel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
-        ax.imshow(panel.repeat(scale, 0).repeat(scale, 1), interpolation="nearest")
+        ax.imshow(resized(panel, (h, w)), interpolation="nearest")
         ax.set_title(title, fontsize=11)
         ax.axis("off")
     present = np.unique(np.concatenate([lab.ravel() for _, lab in labels]))
@@ -73,6 +93,20 @@ def overlay_panel(
         handles.append(Patch(color="black", label="ignored"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+    return _figure_png(fig)
+
+
+def cluster_sheet_png(title: str, tiles: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """PNG contact sheet of one cluster: a row of images (uint8 HWC, one size) with the cluster's pixels (bool
+    masks) shown and the rest darkened, under `title`."""
+    h, w = panel_size(*tiles[0][0].shape[:2])
+    fig = _figure(len(tiles) * w / 100 + 0.3, h / 100 + 0.8)
+    fig.suptitle(title, fontsize=11)
+    for i, (image, mask) in enumerate(tiles):
+        ax = fig.add_subplot(1, len(tiles), i + 1)
+        shown = np.where(mask[..., None], image, (0.25 * image.astype(np.float32)).astype(np.uint8))
+        ax.imshow(resized(shown, (h, w)), interpolation="nearest")
+        ax.axis("off")
     return _figure_png(fig)
 
 

@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
+LABEL_FREE_LAYOUTS = ("folder",)
+
+
+def has_labels(cfg: Config) -> bool:
+    """Whether the layout has ground truth (a val split to score); `folder` has none."""
+    return cfg.data.layout not in LABEL_FREE_LAYOUTS
+
+
 class DatasetLayoutError(FileNotFoundError):
     """The dataset root does not have the expected layout; the message names what is missing."""
 

@@ -12,9 +12,8 @@ import torch
 
 from transfgu_dist.config import ResourcesConfig
 from transfgu_dist.io import storage
-from transfgu_dist.io.images import BadImageError, decode_image, to_float_batch
+from transfgu_dist.io.images import BadImageError, decode_image, model_batch, model_input
 from transfgu_dist.io.storage_errors import StorageError
-from transfgu_dist.method.resizing import unit_float
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +54,14 @@ def actor_device() -> torch.device:
 def load_images(
     batch: dict[str, np.ndarray], size: tuple[int, int], method: str = "antialias"
 ) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: read and decode images, resize to `size` (images.to_float_batch `method`); unreadable
-    ones are flagged (`ok` False, the reason in `error`), not fatal. `nearest` keeps uint8 (exact); the other methods
-    keep float32 in [0, 1], as the reference normalises the bilinear resize's values without rounding them back to
-    8 bits (4x the bytes)."""
+    """Ray Data CPU task: read and decode images, each preprocessed by images.model_input (`size`, `method`:
+    uint8 for nearest, float32 in [0, 1] otherwise); unreadable ones are flagged (`ok` False, the reason in `error`),
+    not fatal."""
     images, ok, errors = [], [], []
     dtype = np.uint8 if method == "nearest" else np.float32
     for uri in batch["uri"]:
         try:
-            img = to_float_batch(decode_image(storage.read_bytes(uri), uri), size, method)[0].permute(1, 2, 0)
-            images.append(img.mul(255).round().to(torch.uint8).numpy() if dtype == np.uint8 else img.numpy())
+            images.append(model_input(decode_image(storage.read_bytes(uri), uri), size, method))
             ok.append(True)
             errors.append("")
         except (BadImageError, StorageError) as e:
@@ -76,8 +73,8 @@ def load_images(
 
 
 def images_to_device(batch: dict[str, np.ndarray], dev: torch.device) -> torch.Tensor:
-    """load_images' (B, H, W, 3) uint8 or float32 -> float (B, 3, H, W) in [0, 1] on `dev`."""
-    return unit_float(torch.from_numpy(batch["image"]).to(dev).permute(0, 3, 1, 2))
+    """A batch's images -> the float encoder input on `dev` (images.model_batch)."""
+    return model_batch(batch["image"], dev)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

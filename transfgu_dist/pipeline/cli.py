@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import shlex
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 from transfgu_dist.config import DERIVED_SIZES, PRESETS, PROFILES, Config, ConfigError, load_config, to_dict
 from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract, lease
 from transfgu_dist.pipeline.contract import STAGES, StageResult
+from transfgu_dist.pipeline.failures import Reported
 
 log = logging.getLogger("transfgu_dist")
 
@@ -125,12 +129,74 @@ def preflight(args: argparse.Namespace, stages: Sequence[str]) -> tuple[Config, 
         except (DatasetLayoutError, EncoderLoadError, BadImageError, LabelMapError, StorageError) as e:
             raise ConfigError(str(e)) from e
     except ConfigError as e:
-        if args.debug:
-            raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        raise SystemExit(2) from None
+        user_error(args, e)
     weights = "dino" if cfg.encoder.weights != "random" else "random" if wanted == "random" else "random-fallback"
     return cfg, weights
+
+
+def user_error(args: argparse.Namespace, e: Exception) -> NoReturn:
+    """A mistake found before compute: one line on stderr, exit status 2 (--debug: the traceback)."""
+    if args.debug:
+        raise e
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def ray_console(args: argparse.Namespace) -> Iterator[None]:
+    """Start or join Ray with the project's console (Ray's own lines off unless --verbose) for the block."""
+    from transfgu_dist.pipeline.console import native_ray_lines_hidden
+    from transfgu_dist.pipeline.ray_setup import init_ray
+
+    init_ray(args.address, verbose=args.verbose)
+    with native_ray_lines_hidden(not args.verbose):
+        yield
+
+
+INTERRUPT_GRACE = 5.0  # seconds from Ctrl-C to the exit, whatever Ray and MLflow are still doing
+
+
+@contextlib.contextmanager
+def ctrl_c(
+    kept: Callable[[], str], argv: Sequence[str] | None, cut_short_cleanup: Callable[[], Any] | None = None
+) -> Iterator[None]:
+    """Ctrl-C in the block: one line on stderr (`kept()`: what was kept; the command that resumes) and exit status
+    130. The runs in progress are marked KILLED as the block unwinds (tracking.run); a shutdown that takes longer
+    than INTERRUPT_GRACE seconds from the signal is cut short after `cut_short_cleanup()` (run_all: its MLflow runs
+    marked KILLED)."""
+    import signal
+
+    said = threading.Lock()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+
+    console = os.dup(2)  # the terminal, also while native_ray_lines_hidden filters fd 2
+
+    def say() -> None:
+        if said.acquire(blocking=False):
+            os.write(console, f"interrupted: kept {kept()}; resume with: {command}\n".encode())
+
+    def cut_short() -> None:
+        say()
+        with contextlib.suppress(Exception):
+            if cut_short_cleanup is not None:
+                cut_short_cleanup()
+        os._exit(130)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        timer = threading.Timer(INTERRUPT_GRACE, cut_short)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except KeyboardInterrupt:
+        say()
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        os.close(console)
 
 
 def check_output(cfg: Config, stages: Sequence[str]) -> None:
@@ -179,7 +245,7 @@ def run_summary(results: dict[str, StageResult], timings: dict[str, float]) -> d
     """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
     out = {"wall_seconds": sum(timings.values())}
     if "evaluate" in results:
-        out.update({k: results["evaluate"].metrics[k] for k in ("miou", "pixel_accuracy")})
+        out.update({k: v for k, v in results["evaluate"].metrics.items() if k in ("miou", "pixel_accuracy")})
     epoch = results["bootstrap"].manifest.get("metrics") or {} if "bootstrap" in results else {}
     if "best/val/miou" in epoch and "val/miou" in epoch:
         out.update(
@@ -202,40 +268,32 @@ def ask_for_token_auth(address: str | None) -> None:
 
 
 def log_model(cfg: Config, results: dict[str, StageResult]) -> str:
-    """The trained Segmenter (the checkpoint evaluate scored, with its matching; else final.pt) as an MLflow pyfunc
-    model (export.log_mlflow_model) on the active run; returns its model URI."""
+    """The trained Segmenter (the checkpoint evaluate scored, with its matching; else final.pt; without labels the
+    raw clusters) as an MLflow pyfunc model (export.log_mlflow_model) on the active run; returns its model URI."""
     from transfgu_dist.inference.export import log_mlflow_model
     from transfgu_dist.inference.segmenter import Segmenter
 
-    scored = results.get("evaluate")
+    evaluated = results.get("evaluate")
     final = storage.join(results["bootstrap"].uri, results["bootstrap"].manifest["final"])
     from transfgu_dist.pipeline.stages.evaluate import scored_checkpoint
 
-    checkpoint = scored_checkpoint(cfg, scored.manifest["metrics"]["checkpoint"]) if scored else final
-    metrics = storage.join(scored.uri, "metrics.json") if scored else None
+    scored = evaluated and evaluated.manifest["metrics"].get("scored", True)
+    checkpoint = scored_checkpoint(cfg, evaluated.manifest["metrics"]["checkpoint"]) if evaluated else final
+    metrics = storage.join(evaluated.uri, "metrics.json") if scored else None
     return log_mlflow_model(Segmenter.from_checkpoint(checkpoint, cfg, metrics=metrics))
 
 
-def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(description, argv)
-    if not args.verbose:
-        logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from ..." (preflight)
-        ask_for_token_auth(args.address)
-    cfg, weights = preflight(args, stages)
+def run_stages(
+    cfg: Config, stages: Sequence[str], weights: str, results: dict, timings: dict, failure: Reported
+) -> tuple[dict, str | None]:
+    """The stages in order in a parent MLflow run, one nested run each (`results`, `timings` filled as they end;
+    `failure.stage` names the stage running); returns the parent run's summary metrics and its model URI."""
+    import mlflow
+
     from transfgu_dist.pipeline import tracking
-    from transfgu_dist.pipeline.console import native_ray_lines_hidden
-    from transfgu_dist.pipeline.failures import Reported
-    from transfgu_dist.pipeline.ray_setup import init_ray
 
-    init_ray(args.address, verbose=args.verbose)
     tracking.close_orphans(cfg)
-    results, timings = {}, {}
-    run_name = "+".join(stages) if len(stages) < 5 else "run_all"
-    with Reported(args.debug) as failure, native_ray_lines_hidden(not args.verbose), tracking.run(cfg, run_name):
-        import mlflow
-
+    with tracking.run(cfg, "+".join(stages) if len(stages) < 5 else "run_all"):
         mlflow.set_tag("weights", weights)
         for name in stages:
             failure.stage = name
@@ -253,31 +311,34 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
             log.info("stage %s: done in %.1f s", name, timings[name])
         summary = run_summary(results, timings)
         mlflow.log_metrics(summary)
-        model_uri = log_model(cfg, results) if "bootstrap" in results else None
-    print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
-    if "best/val/miou" in summary:
-        by = "mIoU + pixel accuracy" if cfg.train.best_by == "miou_plus_acc" else "mIoU"
-        print(
-            f"bootstrap val mIoU: best {100 * summary['best/val/miou']:.2f} (global epoch "
-            f"{summary['best/global_epoch']:.0f}, best by {by}; the reference protocol reports this epoch: score "
-            f"bootstrap/best.pt with `jobs/evaluate.py eval.checkpoint=best`), "
-            f"last {100 * summary['last/val/miou']:.2f}"
-        )
-    if "evaluate" in results:
-        m, folder = results["evaluate"].manifest["metrics"], results["evaluate"].uri
-        if "table3" in m:
-            from transfgu_dist.pipeline.table3 import table3_line
+        return summary, log_model(cfg, results) if "bootstrap" in results else None
 
-            print(table3_line(m["table3"]))
-        bad = (
-            f"; {m['n_bad_images']} unreadable, not scored: {storage.join(folder, 'bad_images.txt')}"
-            if m.get("n_bad_images")
-            else ""
-        )
-        print(
-            f"mIoU {100 * m['miou']:.2f}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
-            f"({m['n_images']} val images{bad}, {m['checkpoint']})"
-        )
-    print(f"outputs: {cfg.output}" + (f"\nMLflow model: {model_uri}" if model_uri else ""))
-    print(f"MLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
+
+def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the command line, start or join Ray, run `stages` in order (committed ones are skipped)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(description, argv)
+    if not args.verbose:
+        logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from ..." (preflight)
+        ask_for_token_auth(args.address)
+    cfg, weights = preflight(args, stages)
+    from transfgu_dist.pipeline import tracking  # before Ray: MLflow sets up its loggers on import, init_ray quiets them
+
+    results: dict[str, StageResult] = {}
+    timings: dict[str, float] = {}
+
+    def kept() -> str:
+        committed = [n for n in stages if contract.is_committed(cfg, n)]
+        done = f"the committed stages ({', '.join(committed)})" if committed else "no committed stage"
+        return f"{done} and the finished parts of the next, under {cfg.output}"
+
+    with (
+        Reported(args.debug) as failure,
+        ctrl_c(kept, argv, lambda: tracking.close_orphans(cfg, quiet=True)),
+        ray_console(args),
+    ):
+        summary, model_uri = run_stages(cfg, stages, weights, results, timings, failure)
+    from transfgu_dist.pipeline.summary import print_summary
+
+    print_summary(cfg, results, timings, summary, model_uri)
     return {"config": cfg, "results": results, "timings": timings}

@@ -29,7 +29,7 @@ LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} images [{elapsed}<{remaining}, {rate_
 class Progress:
     """Images done out of `total` for the stage `desc`."""
 
-    every = 30.0  # seconds between two lines off a terminal
+    every = 30.0  # seconds between two lines off a terminal (at most: a line is due even when nothing moved)
 
     def __init__(self, desc: str, total: int, tty: bool | None = None):
         self.desc, self.total, self.n = desc, total, 0
@@ -38,6 +38,16 @@ class Progress:
         self.bar = (
             tqdm(total=total, desc=desc, unit=" images", bar_format=BAR_FORMAT, file=sys.stderr) if self.tty else None
         )
+        self.closed = threading.Event()
+        if not self.tty:
+            threading.Thread(target=self.tick, name=f"progress-{desc}", daemon=True).start()
+
+    def tick(self) -> None:
+        """Off a terminal: a line whenever `every` seconds passed without one, until closed."""
+        while not self.closed.wait(self.every / 10):
+            if time.perf_counter() - self.shown >= self.every:
+                log.info(self.line())
+                self.shown = time.perf_counter()
 
     def update(self, n: int) -> None:
         self.n += n
@@ -58,10 +68,20 @@ class Progress:
         )
 
     def close(self) -> None:
+        self.closed.set()
         if self.bar is not None:
             self.bar.close()
         else:
             log.info(self.line())
+
+
+def above_the_bar(progress: Progress) -> contextlib.AbstractContextManager:
+    """On a terminal, log lines printed above the progress bar, not through it."""
+    if not progress.tty:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def track(
@@ -69,18 +89,41 @@ def track(
 ) -> Iterator[dict[str, Any]]:
     """`rows` (a stage's output rows as they complete), with `images(row)` images each counted on a Progress."""
     progress = Progress(desc, total)
-    redirect = contextlib.nullcontext()
-    if progress.tty:  # log lines printed above the bar, not through it
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        redirect = logging_redirect_tqdm()
-    with redirect:
+    with above_the_bar(progress):
         try:
             for row in rows:
                 progress.update(images(row))
                 yield row
         finally:
             progress.close()
+
+
+@contextlib.contextmanager
+def images_done(desc: str, total: int, poll: float = 0.5) -> Iterator[Any]:
+    """A Progress of `total` images fed by the stage's actors: they put the number of images each encoder batch
+    finished into the yielded Ray queue, and the driver counts them as they arrive (not per committed part)."""
+    from ray.util.queue import Empty, Queue
+
+    queue, progress, stop = Queue(), Progress(desc, total), threading.Event()
+
+    def count() -> None:
+        while True:
+            try:
+                progress.update(queue.get(timeout=poll))
+            except Empty:
+                if stop.is_set():
+                    return
+
+    reader = threading.Thread(target=count, name=f"images-{desc}", daemon=True)
+    reader.start()
+    try:
+        with above_the_bar(progress):
+            yield queue
+    finally:
+        stop.set()
+        reader.join()
+        queue.shutdown()
+        progress.close()
 
 
 def epoch_line(m: dict[str, Any], epochs: int) -> str:

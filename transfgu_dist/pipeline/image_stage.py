@@ -13,16 +13,35 @@ from transfgu_dist.io import parts, storage
 from transfgu_dist.io.datasets import Sample
 from transfgu_dist.io.image_pool import actor_pool, load_images
 from transfgu_dist.io.stage_output import StageOutput
-from transfgu_dist.pipeline.console import track
+from transfgu_dist.pipeline.console import images_done
 from transfgu_dist.pipeline.contract import StageResult
 from transfgu_dist.pipeline.recovery import node_losses
 
 log = logging.getLogger(__name__)
 
 
+class ImagesDone:
+    """In an image stage's actor: reports to the driver's progress queue (console.images_done; None: no report)
+    how many images of the current call its encoder finished, as it finishes them."""
+
+    def __init__(self, queue: Any = None):
+        self.queue, self.n = queue, 0
+
+    def upto(self, n: int) -> None:
+        """The first `n` images of this call are done."""
+        if self.queue is not None and n > self.n:
+            self.queue.put_nowait(n - self.n)
+        self.n = max(self.n, n)
+
+    def finish(self, n: int) -> None:
+        """All `n` images of this call are done (unreadable ones included); the next call starts from 0."""
+        self.upto(n)
+        self.n = 0
+
+
 def list_bad_images(out: StageOutput, bad: dict[str, str], total: int) -> None:
-    """`<out>/bad_images.txt`, one `image id<TAB>reason` a line, and one warning with their count, when some of the
-    `total` images were skipped."""
+    """`<out>/bad_images.txt`, one `file path (URI)<TAB>reason` a line (`bad`: path -> reason), and one warning with
+    their count, when some of the `total` images were skipped."""
     if bad:
         listed = storage.join(out.uri, "bad_images.txt")
         storage.write_bytes(listed, "\n".join(f"{i}\t{bad[i]}" for i in sorted(bad)).encode())
@@ -62,9 +81,9 @@ def run_image_stage(
     a node lost mid-stage costs its calls in flight, retried on the other actors. Each actor call gets
     `images_per_part` images (bundled from the `images_per_task` decode tasks) and writes one Parquet part, batching
     its encoder work internally. A rerun skips every image a published part covers, and each image is left in
-    exactly one part before the commit (parts.deduplicate). The actor returns one row per part with its number of
-    `images` (unreadable ones included), counted on the `stage`'s progress.
-    `gone`: images an upstream stage covered that are no longer listed (id -> reason), recorded as bad ones.
+    exactly one part before the commit (parts.deduplicate). As its encoder finishes images the actor counts them on
+    the `stage`'s progress (ImagesDone). `gone`: images an upstream stage covered that are no longer listed
+    (id -> reason), recorded as bad ones.
     """
     if out.is_committed():
         return image_result(stage, out, out.manifest(), 0)
@@ -85,11 +104,10 @@ def run_image_stage(
             batch_size=images_per_task,
             num_cpus=resources.decode_cpus,
         )
-        ds = ds.map_batches(
-            actor, fn_constructor_kwargs=actor_kwargs, batch_size=images_per_part, **actor_pool(resources)
-        )
-        with node_losses(stage) as lost:
-            for _ in track(ds.iter_rows(), stage, len(pending), lambda row: int(row["images"])):
+        with node_losses(stage) as lost, images_done(stage, len(pending)) as progress:
+            kwargs = {**actor_kwargs, "progress": progress}
+            ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=images_per_part, **actor_pool(resources))
+            for _ in ds.iter_rows():
                 pass
     removed, cover = parts.deduplicate(out)
     if lost:
@@ -113,7 +131,8 @@ def run_image_stage(
             f"{out.uri}: {len(missing)} images were not processed, e.g. {[s.image_id for s in missing[:3]]}"
         )
     bad = {**(gone or {}), **parts.bad_reasons(out, cover)}
-    list_bad_images(out, bad, len(samples) + len(gone or {}))
+    uris = {s.image_id: s.image for s in samples}
+    list_bad_images(out, {uris.get(i, i): reason for i, reason in bad.items()}, len(samples) + len(gone or {}))
     manifest = out.commit(
         {"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover), **extra_manifest}
     )

@@ -22,14 +22,19 @@ LABEL_SAMPLE = 8  # val labels decoded before any compute (evenly spaced over th
 
 def check_output(cfg: Config) -> None:
     """Write and remove a probe file under `output` (an unwritable output says so, not 'does not exist')."""
-    probe = storage.join(cfg.output, f".preflight-{uuid.uuid4().hex[:8]}")
+    check_writable("output", cfg.output)
+
+
+def check_writable(key: str, uri: str) -> None:
+    """Write and remove a probe file under the folder `uri` given as `key=`."""
+    probe = storage.join(uri, f".preflight-{uuid.uuid4().hex[:8]}")
     try:
         storage.write_bytes(probe, b"")
         storage.delete(probe)
     except Exception as e:  # noqa: BLE001 - permission, read-only filesystem, bucket policy: all one answer
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
-            f"output={cfg.output}: not writable (expected a folder or s3:// prefix this process can "
+            f"{key}={uri}: not writable (expected a folder or s3:// prefix this process can "
             f"write; a probe file failed: {reason})"
         ) from e
 

@@ -84,7 +84,7 @@ def run(
     cfg: Config, name: str, nested: bool = False, run_id: str | None = None, sections: tuple[str, ...] | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run; `run_id` continues an earlier one. A top-level run gets the full config as params and as
-    `config.yaml`; a nested one only the keys of its stage's config `sections`."""
+    `config.yaml`; a nested one only the keys of its stage's config `sections`. Ctrl-C marks the run KILLED."""
     experiment = use_experiment(cfg)
     with mlflow.start_run(run_id=run_id, experiment_id=experiment, run_name=name, nested=nested) as active:
         if run_id is None:
@@ -95,19 +95,24 @@ def run(
             mlflow.log_params(params)
             if not nested:
                 mlflow.log_text(dump_yaml(cfg), "config.yaml")
-        yield active
+        try:
+            yield active
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
 
 
-def close_orphans(cfg: Config) -> list[str]:
+def close_orphans(cfg: Config, quiet: bool = False) -> list[str]:
     """Mark KILLED the runs of `cfg.output` still RUNNING: their drivers were killed (the caller holds the output's
-    lease, so no live driver owns them). Returns their ids."""
+    lease, so no live driver owns them), or this driver is being cut short after Ctrl-C (`quiet`: no warning).
+    Returns their ids."""
     experiment = use_experiment(cfg)
     client = MlflowClient(tracking_uri(cfg))
     output = cfg.output.replace("'", "\\'")
     runs = client.search_runs([experiment], f"tags.`{OUTPUT_TAG}` = '{output}' and attributes.status = 'RUNNING'")
     for r in runs:
         client.set_terminated(r.info.run_id, "KILLED")
-    if runs:
+    if runs and not quiet:
         log.warning("MLflow: marked %d runs of %s left RUNNING by killed drivers as KILLED", len(runs), cfg.output)
     return [r.info.run_id for r in runs]
 

@@ -29,7 +29,7 @@ from transfgu_dist.config import Config, worker_range
 from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.io import bank, storage
 from transfgu_dist.io.concepts_file import load_concepts
-from transfgu_dist.io.datasets import image_uri, list_samples
+from transfgu_dist.io.datasets import has_labels, image_uri, list_samples
 from transfgu_dist.io.image_pool import cluster_gpus, images_to_device, load_images
 from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.io.storage_errors import StorageError
@@ -146,6 +146,12 @@ def epoch_shard(cfg: Config, epoch: int) -> ray.data.DataIterator:
     return shards[ctx.get_world_rank()]
 
 
+def validates(cfg: Config) -> bool:
+    """Validation mIoU during training: every `train.eval_every` epochs where the data has labels. Without labels
+    there is no label-free rule for a best epoch: no best.pt is written and final.pt is the model."""
+    return cfg.train.eval_every > 0 and has_labels(cfg)
+
+
 def validate(boot: Bootstrapper, shard: ray.data.DataIterator) -> dict[str, float]:
     """Whole-val-split Hungarian mIoU and pixel accuracy of the current student (sec 4.1)."""
     cfg, size = boot.cfg, tuple(boot.cfg.eval.image_size)
@@ -235,7 +241,7 @@ def train_loop(config: dict[str, Any]) -> None:
             group_started_at=started_at,
             world_size=ctx.get_world_size(),
         )
-        if rank0 and cfg.train.eval_every and (global_epoch + 1) % cfg.train.eval_every == 0:
+        if rank0 and validates(cfg) and (global_epoch + 1) % cfg.train.eval_every == 0:
             metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
             score = selection_score(metrics, cfg.train.best_by)
             if score > best["val/score"]:  # reference protocol: best epoch on val, kept apart
@@ -271,7 +277,7 @@ def make_trainer(
     train_set = training_dataset(cfg)
     datasets = {"train": train_set} if cfg.train.shuffle == "local" else {}
     split = list(datasets)
-    if cfg.train.eval_every:
+    if validates(cfg):
         datasets["val"] = val_dataset(cfg, list_samples(cfg, cfg.data.val_split))
     for ds in datasets.values():  # per-epoch bars from inside the workers only flood the logs; Train reports
         ds.context.enable_progress_bars = False
@@ -356,7 +362,7 @@ def export_best(cfg: Config, checkpoint: ray.train.Checkpoint | None) -> dict[st
         return {}
     with checkpoint.as_directory() as d:
         best = load_state(Path(d), checkpoint.path, "cpu")["best"]
-    if "decoder" not in best:  # no validation ran (train.eval_every=0)
+    if "decoder" not in best:  # no validation ran (train.eval_every=0, or no labels)
         return {}
     _export(cfg, best["decoder"], best["round"], "best.pt")
     return {"best": "best.pt", "best_epoch": best["global_epoch"], "best_miou": best["val/miou"]}

@@ -17,7 +17,7 @@ from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import load_decoder
 from transfgu_dist.inference.viz import confusion_matrix_png, overlay_panel, per_class_iou_png
 from transfgu_dist.io import storage, synthetic
-from transfgu_dist.io.datasets import list_samples
+from transfgu_dist.io.datasets import has_labels, list_samples
 from transfgu_dist.io.image_pool import actor_pool
 from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.io.label_maps import class_names as table_class_names
@@ -68,28 +68,25 @@ def class_names(cfg: Config) -> list[str]:
 
 
 def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) -> StageResult:
-    """The evaluate stage's result: mIoU, pixel accuracy and per-class IoU (names made MLflow-safe)."""
+    """The evaluate stage's result: mIoU, pixel accuracy and per-class IoU (names made MLflow-safe). A class absent
+    from the ground truth and the prediction has no IoU (null in metrics.json) and no metric: nothing is NaN."""
     m = manifest["metrics"]
-    return StageResult(
-        "evaluate",
-        out.uri,
-        manifest,
-        processed,
-        metrics={
-            "miou": m["miou"],
-            "pixel_accuracy": m["pixel_accuracy"],
-            **{
-                "iou/" + re.sub(r"[^\w\-. /]", "_", c): v
-                for c, v in m.get("per_class_iou", {}).items()
-                if v is not None  # a class absent from both the labels and the predictions has no IoU
-            },
-            **{f"table3/{k}": v for k, v in m.get("table3", {}).items() if v is not None},
-        },
-    )
+    if not m.get("scored", True):  # no labels: cluster pixel shares instead
+        shares = {f"pixel_share/cluster_{c['cluster']}": c["pixel_share"] for c in m["clusters"]}
+        return StageResult("evaluate", out.uri, manifest, processed, metrics=shares, tags={"scored": "no labels"})
+    metrics = {
+        "miou": m["miou"],
+        "pixel_accuracy": m["pixel_accuracy"],
+        **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()},
+        **{f"table3/{k}": v for k, v in m.get("table3", {}).items()},
+    }
+    numbers = {k: v for k, v in metrics.items() if v is not None and v == v}  # v != v: NaN
+    return StageResult("evaluate", out.uri, manifest, processed, metrics=numbers)
 
 
 def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
-    """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`.
+    """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`;
+    without labels (`data.layout=folder`) describe its clusters on the images instead (cluster_summary).
 
     Writes `<folder>/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and
     `bad_images.txt` when images or labels could not be read; they are not scored) and commits it with the metrics
@@ -100,6 +97,13 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     if out.is_committed():
         return evaluate_result(out, out.manifest(), 0)
     checkpoint = checkpoint or default_checkpoint(cfg)
+    if not has_labels(cfg):
+        from transfgu_dist.pipeline.cluster_summary import summarise_clusters
+
+        decoder, samples = load_decoder(checkpoint, cfg), list_samples(cfg, cfg.data.train_split)
+        metrics = summarise_clusters(cfg, out, checkpoint, decoder, samples)
+        manifest = out.commit({"metrics": metrics, "settings": settings_guard.record(cfg, "evaluate")})
+        return evaluate_result(out, manifest, metrics["n_images"])
     decoder, names = load_decoder(checkpoint, cfg), class_names(cfg)
     samples = list_samples(cfg, cfg.data.val_split)
     overlay_ids = frozenset(s.image_id for s in samples[: cfg.eval.n_overlays])
@@ -112,15 +116,19 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     with node_losses("evaluate"):
         rows = list(track(ds.iter_rows(), "evaluate", len(samples), lambda r: int(r["n_images"]) + len(bad_ids(r))))
     n_images, bad = sum(int(r["n_images"]) for r in rows), sorted(i for r in rows for i in bad_ids(r))
-    list_bad_images(out, dict.fromkeys(bad, "image or label unreadable"), len(samples))
+    uris = {s.image_id: s.image for s in samples}
+    list_bad_images(out, {uris[i]: "image or label unreadable" for i in bad}, len(samples))
     if not n_images:
         raise RuntimeError(f"{cfg.data.val_split}: none of the {len(samples)} validation images could be read")
     scores = scores_from_confusion(sum(r["confusion"] for r in rows))  # one matching over the whole split
     s = scores.to_dict()
+    present = sum(v is not None for v in s["per_class_iou"])
     metrics = {
         "miou": s["miou"],
         "pixel_accuracy": s["pixel_accuracy"],
         "per_class_iou": dict(zip(names, s["per_class_iou"])),
+        "miou_over": f"the {present} of {len(names)} classes present in the ground truth or the matched prediction "
+        "(as the reference metric); the others have no IoU (null)",
         "matching": s["matching"],
         "n_images": n_images,
         "n_bad_images": len(bad),

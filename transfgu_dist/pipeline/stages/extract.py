@@ -8,6 +8,8 @@ shipping the crops themselves would move ~35x the bytes.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -32,14 +34,15 @@ from transfgu_dist.method.precision import autocast
 from transfgu_dist.method.resizing import resize_crops, resizing
 from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.contract import StageResult
-from transfgu_dist.pipeline.image_stage import run_image_stage
+from transfgu_dist.pipeline.image_stage import ImagesDone, run_image_stage
 
 
 class CropEncoder:
     """Ray Data actor: a batch of resized images -> one Parquet part of crop CLS features."""
 
-    def __init__(self, cfg: Config, out_uri: str):
+    def __init__(self, cfg: Config, out_uri: str, progress: Any = None):
         self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
+        self.progress = ImagesDone(progress)
         self.crop_resize = resizing(cfg.data).crops
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         p = self.encoder.patch_size
@@ -81,6 +84,7 @@ class CropEncoder:
             crops = resize_crops(images, chunk, crops_cfg.crop_size, self.crop_resize)
             with autocast(self.dev, crops_cfg.precision):
                 features.append(self.encoder(crops, with_patch=False).cls.to(dtype).cpu().numpy())
+            self.progress.upto(int(chunk[-1, 0]))  # the images before the last one of this chunk are done
         keep = win.numpy()
         table = pa.table(
             {
@@ -95,6 +99,7 @@ class CropEncoder:
         )
         bad = [str(i) for i in batch["image_id"][~ok]]
         name = parts.write_part(self.out, table, ids, bad, dict(zip(bad, batch["error"][~ok])))
+        self.progress.finish(len(batch["image_id"]))
         return {
             "part": np.array([name]),
             "images": np.array([len(batch["image_id"])]),

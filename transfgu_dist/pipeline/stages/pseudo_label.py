@@ -9,6 +9,8 @@ T_bg, normalisation and argmax are applied when loading
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import torch
@@ -27,14 +29,15 @@ from transfgu_dist.method.precision import autocast
 from transfgu_dist.method.resizing import resizing
 from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.contract import StageResult
-from transfgu_dist.pipeline.image_stage import run_image_stage
+from transfgu_dist.pipeline.image_stage import ImagesDone, run_image_stage
 
 
 class ConceptMapper:
     """Ray Data actor: a batch of images -> one bank part (one batched backward for all K concepts)."""
 
-    def __init__(self, cfg: Config, out_uri: str):
+    def __init__(self, cfg: Config, out_uri: str, progress: Any = None):
         self.cfg, self.dev, self.out = cfg, actor_device(), StageOutput(out_uri)
+        self.progress = ImagesDone(progress)
         self.encoder = build_encoder(cfg.encoder).to(self.dev)
         self.concepts = torch.from_numpy(load_concepts(contract.output(cfg, "cluster")).centroids).to(self.dev)
         self.settings = settings_guard.part_metadata(cfg, "pseudo_label")
@@ -44,12 +47,11 @@ class ConceptMapper:
         ids = [str(i) for i in batch["image_id"][ok]]
         images = normalize(images_to_device({"image": batch["image"][ok]}, self.dev))
         if ids:
-            # Grad-CAM batches of pseudo.batch_size images; one part for the whole call
-            with autocast(self.dev, self.cfg.pseudo.precision):
-                cams = [
-                    gradcam_terms(self.encoder, x, self.concepts, self.cfg.pseudo)
-                    for x in images.split(self.cfg.pseudo.batch_size)
-                ]
+            cams = []
+            for x in images.split(self.cfg.pseudo.batch_size):  # Grad-CAM batches; one part for the whole call
+                with autocast(self.dev, self.cfg.pseudo.precision):
+                    cams.append(gradcam_terms(self.encoder, x, self.concepts, self.cfg.pseudo))
+                self.progress.upto(self.progress.n + len(x))
             shared, terms, attn = (torch.cat(t) for t in zip(*cams))
         else:  # every image of the batch unreadable: an empty part records them
             h, w = (s // self.encoder.patch_size for s in self.cfg.pseudo.image_size)
@@ -67,6 +69,7 @@ class ConceptMapper:
         )
         bad = [str(i) for i in batch["image_id"][~ok]]
         name = parts.write_part(self.out, table, ids, bad, dict(zip(bad, batch["error"][~ok])))
+        self.progress.finish(len(batch["image_id"]))
         return {"part": np.array([name]), "images": np.array([len(batch["image_id"])])}
 
 
