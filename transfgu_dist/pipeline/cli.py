@@ -322,7 +322,9 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
         logging.getLogger("timm").setLevel(logging.WARNING)  # "Loading pretrained weights from ..." (preflight)
         ask_for_token_auth(args.address)
     cfg, weights = preflight(args, stages)
-    from transfgu_dist.pipeline import tracking  # before Ray: MLflow sets up its loggers on import, init_ray quiets them
+    from transfgu_dist.pipeline import (
+        tracking,  # before Ray: MLflow sets up its loggers on import, init_ray quiets them
+    )
 
     results: dict[str, StageResult] = {}
     timings: dict[str, float] = {}

@@ -106,7 +106,9 @@ def run_image_stage(
         )
         with node_losses(stage) as lost, images_done(stage, len(pending)) as progress:
             kwargs = {**actor_kwargs, "progress": progress}
-            ds = ds.map_batches(actor, fn_constructor_kwargs=kwargs, batch_size=images_per_part, **actor_pool(resources))
+            ds = ds.map_batches(
+                actor, fn_constructor_kwargs=kwargs, batch_size=images_per_part, **actor_pool(resources)
+            )
             for _ in ds.iter_rows():
                 pass
     removed, cover = parts.deduplicate(out)
