@@ -133,10 +133,11 @@ SMALL = [
 
 
 @pytest.fixture(scope="session")
-def shared_ray() -> str:
+def shared_ray(s3_server) -> str:
     """One local Ray for the session (its own temp dir, free ports) for the tests that do not kill Ray: in-process
     tests run on it, jobs join it with RAY_ADDRESS=<the yielded GCS address>. Its workers see this process's
-    environment as it is now. Shut down by its handle at the end, never with `ray stop` (every Ray on the machine)."""
+    environment as it is at the start, so the S3 test server's is set first. Shut down by its handle at the end,
+    never with `ray stop` (every Ray on the machine)."""
     import ray
 
     from transfgu_dist.pipeline.ray_setup import keep_idle_workers
