@@ -28,6 +28,7 @@ DEPARTURES = {
     "train.best_by": ("miou", "miou_plus_acc"),
     "train.skip_nonpositive_loss": (False, True),
     "train.per_batch_augment": (False, True),
+    "train.drop_last": (False, True),
     "data.resize": ("antialias", "reference"),
 }
 
