@@ -9,7 +9,9 @@ and the EC2 instance-metadata lookup is disabled.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 
 import pytest
@@ -128,6 +130,26 @@ SMALL = [
     "train.batch_size=6",
     "pseudo.batch_size=4",
 ]
+
+
+@pytest.fixture(scope="session")
+def shared_ray(s3_server) -> str:
+    """One local Ray for the session (its own temp dir, free ports) for the tests that do not kill Ray: in-process
+    tests run on it, jobs join it with RAY_ADDRESS=<the yielded GCS address>. Its workers see this process's
+    environment as it is at the start, so the S3 test server's is set first. Shut down by its handle at the end,
+    never with `ray stop` (every Ray on the machine)."""
+    import ray
+
+    from transfgu_dist.pipeline.ray_setup import keep_idle_workers
+
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    keep_idle_workers()  # as a job's own local Ray
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int = 900) -> str:

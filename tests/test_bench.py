@@ -1,7 +1,7 @@
 """The benchmark job at its tiny size: it runs and its JSON document has every key; no timing is asserted.
 
-The in-process sub-benchmarks (pseudo_label, cluster) run in seconds; the Ray ones (extract, bootstrap) start a
-private local Ray and two Ray Train runs in a subprocess, so they are marked slow.
+The in-process sub-benchmarks (pseudo_label, cluster) run in seconds; the Ray ones (extract, bootstrap) run in a
+subprocess that joins the session's Ray, with one timed repeat, and start two Ray Train runs, so they are marked slow.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def test_in_process_benchmarks_tiny(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_job_tiny_ray_benchmarks(tmp_path):
-    """`python jobs/bench.py --size tiny --only extract,bootstrap --out FILE`: JSON on stdout and in FILE."""
+def test_bench_job_tiny_ray_benchmarks(tmp_path, shared_ray):
+    """`python jobs/bench.py --size tiny --only extract,bootstrap --address A --out FILE`: JSON on stdout and in
+    FILE."""
     out = tmp_path / "suite.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run(
         [
             sys.executable,
@@ -79,6 +79,10 @@ def test_bench_job_tiny_ray_benchmarks(tmp_path):
             "tiny",
             "--only",
             "extract,bootstrap",
+            "--repeats",
+            "1",
+            "--address",
+            shared_ray,
             "--workdir",
             str(tmp_path / "work"),
             "--out",
@@ -88,7 +92,6 @@ def test_bench_job_tiny_ray_benchmarks(tmp_path):
         capture_output=True,
         text=True,
         timeout=1200,
-        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     doc = json.loads(proc.stdout)

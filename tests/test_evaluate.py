@@ -1,4 +1,4 @@
-"""Evaluation stage on a real local Ray: a random decoder scored on tiny synthetic scenes."""
+"""Evaluation stage on a real local Ray (the session's): a seeded random decoder scored on tiny synthetic scenes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-import ray
 import torch
+from figures import check
 from PIL import Image
 
 from transfgu_dist.config import ARCHS, Config, load_config
@@ -21,13 +21,6 @@ from transfgu_dist.pipeline.stages import evaluate
 from transfgu_dist.pipeline.stages.evaluate import class_names, run_evaluate
 
 SIZE = 64
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +48,10 @@ def make_config(output: Path, data: Path, *extra: str) -> Config:
 
 
 def save_checkpoint(cfg: Config, path: Path, **override) -> str:
-    """A randomly initialised decoder in the bootstrap stage's checkpoint format."""
-    decoder = MaskTransformer(ARCHS[cfg.encoder.arch][1], cfg.n_outputs, cfg.decoder)
+    """A randomly initialised decoder (seed 0) in the bootstrap stage's checkpoint format."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        decoder = MaskTransformer(ARCHS[cfg.encoder.arch][1], cfg.n_outputs, cfg.decoder)
     ckpt = {
         "decoder": decoder.state_dict(),
         "n_outputs": cfg.n_outputs,
@@ -75,7 +70,7 @@ def open_png(path: Path) -> Image.Image:
     return img
 
 
-def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypatch):
+def test_run_evaluate_writes_and_commits(shared_ray, data_dir, tmp_path, monkeypatch):
     cfg = make_config(tmp_path / "run", data_dir)
     save_checkpoint(cfg, tmp_path / "run" / "bootstrap" / "final.pt")
     result = run_evaluate(cfg)
@@ -84,7 +79,6 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
 
     out = tmp_path / "run" / "evaluate"
     assert json.loads((out / "metrics.json").read_text()) == metrics
-    assert 0.0 <= metrics["miou"] <= 1.0 and 0.0 <= metrics["pixel_accuracy"] <= 1.0
     assert metrics["n_images"] == 6 and metrics["bad_images"] == ["zzz_broken"] and metrics["n_bad_images"] == 1
     # listed like the other stages' skipped images: the file path and the reason
     bad_line = str(data_dir / "images" / "val" / "zzz_broken.png") + "\timage or label unreadable"
@@ -107,6 +101,7 @@ def test_run_evaluate_writes_and_commits(local_ray, data_dir, tmp_path, monkeypa
     monkeypatch.setattr(evaluate, "load_decoder", recompute)
     again = run_evaluate(cfg)
     assert again.manifest["metrics"] == metrics and again.processed == 0
+    check("evaluate_random_decoder", {k: metrics[k] for k in ("miou", "pixel_accuracy", "per_class_iou")})
 
 
 @pytest.mark.parametrize(

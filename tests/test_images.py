@@ -128,6 +128,6 @@ def test_as_rgb_scales_16_bit_pil_images_and_arrays_as_decoding_does():
     # the one preprocessing: a bilinear resize stays float (a 2 -> 1 pixel mean of 1 and 2 is 1.5/255, not rounded);
     # nearest keeps uint8
     row = np.array([[[1, 1, 1], [2, 2, 2]]], np.uint8)
-    np.testing.assert_array_equal(model_input(row, (1, 1), "bilinear"), np.full((1, 1, 3), np.float32(1.5 / 255)))
+    np.testing.assert_allclose(model_input(row, (1, 1), "bilinear"), np.full((1, 1, 3), 1.5 / 255), rtol=1e-6)
     assert model_input(row, (1, 1), "nearest").dtype == np.uint8
     assert model_input(Image.fromarray(values), (2, 3)).dtype == np.float32
