@@ -57,7 +57,7 @@ def test_storage_error_crosses_a_process_boundary():
     assert error.uri == "/out/ray_train/state.pt"
 
 
-def test_what_a_ray_task_or_train_worker_raised_is_the_cause(tmp_path):
+def test_what_a_ray_task_or_train_worker_raised_is_the_cause(tmp_path, shared_ray):
     """On a real local Ray: a task's and a Ray Train worker's StorageError come back unwrapped, one line, exit 2."""
     import ray
     import ray.train
@@ -66,21 +66,17 @@ def test_what_a_ray_task_or_train_worker_raised_is_the_cause(tmp_path):
     def _raises_storage_error(config=None):  # defined here: shipped to the workers by value
         raise StorageError("/out/ray_train/bootstrap/checkpoint_0/state.pt", "not a readable Ray Train checkpoint file")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        with pytest.raises(Exception) as task:
-            ray.get(ray.remote(_raises_storage_error).remote())
-        trainer = TorchTrainer(
-            _raises_storage_error,
-            scaling_config=ray.train.ScalingConfig(num_workers=1),
-            run_config=ray.train.RunConfig(
-                storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=0)
-            ),
-        )
-        with pytest.raises(Exception) as train:
-            trainer.fit()
-    finally:
-        ray.shutdown()
+    with pytest.raises(Exception) as task:  # on the session's Ray (conftest.shared_ray)
+        ray.get(ray.remote(_raises_storage_error).remote())
+    trainer = TorchTrainer(
+        _raises_storage_error,
+        scaling_config=ray.train.ScalingConfig(num_workers=1),
+        run_config=ray.train.RunConfig(
+            storage_path=str(tmp_path), failure_config=ray.train.FailureConfig(max_failures=0)
+        ),
+    )
+    with pytest.raises(Exception) as train:
+        trainer.fit()
     for raised in (task.value, train.value):
         root = cause(raised)
         assert type(root) is StorageError and root.uri.endswith("checkpoint_0/state.pt"), repr(raised)[:500]
