@@ -113,7 +113,8 @@ def test_predict_job_wrong_checkpoint_fails_in_one_line(e2e_run, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(f"{wrong}: expected a bootstrap")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith(f"error: {wrong}: expected a bootstrap"), proc.stderr
 
 
 def test_export_job_mlflow_pyfunc_and_torchscript_equal_eager(trained, e2e_run, tmp_path):

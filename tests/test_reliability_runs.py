@@ -65,8 +65,8 @@ def test_moved_output_with_deleted_and_garbled_images(e2e_run, tmp_path):
     listed = (first / "bank" / "bad_images.txt").read_text().splitlines()
     print(f"\npseudo_label bad_images.txt: {listed}")
     assert "skipped 2 unreadable images of 12" in console
-    assert listed[0] == f"{images[3].stem}\timage file gone since extract (deleted or moved)"
-    assert listed[1].startswith(f"{images[4].stem}\t{images[4]}: ") and len(listed) == 2
+    assert listed[0].startswith(f"{images[4]}\texpected an RGB-convertible image")  # the file's path, the reason
+    assert listed[1] == f"{images[3].stem}\timage file gone since extract (deleted or moved)" and len(listed) == 2
 
     moved = tmp_path / "moved"
     first.rename(moved)

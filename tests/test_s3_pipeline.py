@@ -192,8 +192,9 @@ def test_s3_run_matches_local_run(runs):
 def test_corrupt_image_is_skipped_counted_and_listed(runs):
     out = runs["s3"]
     for stage in ("features", "bank"):
-        listed = storage.read_bytes(storage.join(out, stage, "bad_images.txt")).decode().split()
-        assert listed == [f"{out.rsplit('/', 1)[0]}/data/images/train/{CORRUPT}.png"]  # the file's path
+        lines = storage.read_bytes(storage.join(out, stage, "bad_images.txt")).decode().splitlines()
+        listed = [line.split("\t")[0] for line in lines]
+        assert listed == [f"{out.rsplit('/', 1)[0]}/data/images/train/{CORRUPT}.png"]  # the file's path, a reason
         manifest = storage.read_json(storage.join(out, stage, "_SUCCESS.json"))
         assert manifest["bad_images"] == [CORRUPT] and manifest["images"] == 12
     # the per-image reason is a worker log line (off the quiet console; its text is pinned in-process below)

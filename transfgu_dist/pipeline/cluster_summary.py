@@ -72,13 +72,13 @@ def summarise_clusters(
         load_images,
         fn_kwargs={"size": tuple(cfg.eval.image_size), "method": resizing(cfg.data).images},
         batch_size=cfg.eval.batch_size,
-        num_cpus=1,
+        num_cpus=cfg.resources.decode_cpus,
     )
     ds = ds.map_batches(
         ClusterCounter,
         fn_constructor_kwargs={"cfg": cfg, "decoder": decoder},
         batch_size=cfg.eval.batch_size,
-        **actor_pool(),
+        **actor_pool(cfg.resources),
     )
     pixels, images, bad, kept = np.zeros(cfg.n_outputs, np.int64), np.zeros(cfg.n_outputs, np.int64), [], {}
     for row in track(ds.iter_rows(), "evaluate", len(samples), lambda r: 1):

@@ -102,9 +102,14 @@ def track(
 def images_done(desc: str, total: int, poll: float = 0.5) -> Iterator[Any]:
     """A Progress of `total` images fed by the stage's actors: they put the number of images each encoder batch
     finished into the yielded Ray queue, and the driver counts them as they arrive (not per committed part)."""
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue, progress, stop = Queue(), Progress(desc, total), threading.Event()
+    # the queue lives on the driver's node: a worker node lost mid-stage must not take the progress count with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    progress, stop = Progress(desc, total), threading.Event()
 
     def count() -> None:
         while True:

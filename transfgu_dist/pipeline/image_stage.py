@@ -30,7 +30,10 @@ class ImagesDone:
     def upto(self, n: int) -> None:
         """The first `n` images of this call are done."""
         if self.queue is not None and n > self.n:
-            self.queue.put_nowait(n - self.n)
+            try:
+                self.queue.put_nowait(n - self.n)
+            except Exception:  # noqa: BLE001 - progress is best effort: a lost queue never fails the stage
+                self.queue = None
         self.n = max(self.n, n)
 
     def finish(self, n: int) -> None:
@@ -134,7 +137,9 @@ def run_image_stage(
         )
     bad = {**(gone or {}), **parts.bad_reasons(out, cover)}
     uris = {s.image_id: s.image for s in samples}
-    list_bad_images(out, {uris.get(i, i): reason for i, reason in bad.items()}, len(samples) + len(gone or {}))
+    paths = {i: uris.get(i, i) for i in bad}  # an image gone from the listing keeps its id
+    listed = {paths[i]: reason.removeprefix(f"{paths[i]}: ") for i, reason in bad.items()}
+    list_bad_images(out, listed, len(samples) + len(gone or {}))
     manifest = out.commit(
         {"images": len(done), "bad_images": sorted(bad), "part_records": parts.records(out, cover), **extra_manifest}
     )
