@@ -152,8 +152,18 @@ def shared_ray(s3_server) -> str:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int = 900) -> str:
-    """Run `python jobs/<stage>.py args...` as a user would; fail with its output when it fails."""
+@pytest.fixture(scope="module")
+def jobs_join_shared_ray(shared_ray):
+    """The jobs (subprocesses) a module's tests start join the session's Ray (RAY_ADDRESS) instead of starting
+    their own: for jobs that neither kill Ray nor need variables set in their Ray workers' environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ADDRESS", shared_ray)
+        yield shared_ray
+
+
+def job(stage: str, *args: str, env: dict[str, str | None] | None = None, timeout: int = 900) -> str:
+    """Run `python jobs/<stage>.py args...` as a user would (`env`: variables set, or removed where None); fail
+    with its output when it fails."""
     import subprocess
     import sys
 
@@ -164,7 +174,7 @@ def job(stage: str, *args: str, env: dict[str, str] | None = None, timeout: int 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None},
     )  # one stream: the console as a user sees it, in order
     assert proc.returncode == 0, f"{stage} failed:\n{proc.stdout[-9000:]}"
     return proc.stdout

@@ -19,7 +19,7 @@ from transfgu_dist.io import synthetic
 from transfgu_dist.io.image_pool import images_to_device, load_images
 from transfgu_dist.pipeline.cli import parse_args, prepare
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("jobs_join_shared_ray")]
 NAMES = "cluster,name\n0,sky\n3,person\n"
 EXTRA = {"gray16": (48, 80), "alpha": (40, 56)}  # a 16-bit grayscale PNG and an RGBA PNG: id -> (H, W)
 
