@@ -44,6 +44,7 @@ class ClusterCounter:
             "image_id": batch["image_id"],
             "uri": batch["uri"],
             "ok": ok,
+            "error": batch["error"],
             "image": batch["image"],
             "pred": pred,
             "pixels": np.where(ok[:, None], counts, 0),
@@ -80,10 +81,10 @@ def summarise_clusters(
         batch_size=cfg.eval.batch_size,
         **actor_pool(cfg.resources),
     )
-    pixels, images, bad, kept = np.zeros(cfg.n_outputs, np.int64), np.zeros(cfg.n_outputs, np.int64), [], {}
+    pixels, images, bad, kept = np.zeros(cfg.n_outputs, np.int64), np.zeros(cfg.n_outputs, np.int64), {}, {}
     for row in track(ds.iter_rows(), "evaluate", len(samples), lambda r: 1):
         if not row["ok"]:
-            bad.append(str(row["uri"]))
+            bad[str(row["uri"])] = str(row["error"])
             continue
         pixels += row["pixels"]
         images += row["pixels"] > 0
