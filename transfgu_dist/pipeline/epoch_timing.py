@@ -1,6 +1,7 @@
 """Where a bootstrap epoch's time goes, per worker: waiting for batches (ingest_wait), training steps (step),
 validation (validate, rank 0), the MLflow record (log, rank 0) and the checkpoint report (checkpoint: the files and
-ray.train.report). The loop reports each epoch's split; the manifest keeps one per epoch (`epoch_times`)."""
+ray.train.report of the previous epoch, known only once it returned). The loop reports each epoch's split; the
+manifest's metrics keep one per epoch (`epoch_times`)."""
 
 from __future__ import annotations
 

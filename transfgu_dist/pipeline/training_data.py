@@ -16,12 +16,17 @@ resumes at the parts missing, and a cache made from another bank, size or resize
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
 import ray.train.collective
+import torch
 
 from transfgu_dist.config import Config
 from transfgu_dist.io import bank, parts, storage
@@ -174,3 +179,55 @@ def ordered_ingest() -> ray.data.ExecutionOptions:
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
+
+
+class EpochFeed:
+    """This worker's batches, epoch by epoch. Under train.shuffle=global the next epoch's shard is made (a collective
+    call, at the same point on every rank) and its first batches pulled by a thread while this epoch trains, so its
+    shuffle and Ray Data start-up overlap the training steps instead of waiting at the epoch's start. The batches
+    and their order are those of epoch_shard either way."""
+
+    DONE = object()
+
+    def __init__(self, cfg: Config, dev: torch.device, epochs: int):
+        self.cfg, self.dev, self.epochs = cfg, dev, epochs
+        self.ahead: dict[int, queue.Queue] = {}
+
+    def _iterator(self, epoch: int) -> Any:
+        local = self.cfg.train.shuffle == "local"
+        return epoch_shard(self.cfg, epoch).iter_torch_batches(
+            batch_size=self.cfg.train.batch_size,
+            device=self.dev,
+            local_shuffle_buffer_size=4 * self.cfg.train.batch_size if local else None,
+            local_shuffle_seed=self.cfg.train.seed + epoch if local else None,
+            drop_last=self.cfg.train.drop_last,
+        )
+
+    def _start(self, epoch: int) -> None:
+        feed: queue.Queue = queue.Queue(maxsize=2)
+
+        def fill(batches: Any) -> None:
+            try:
+                for batch in batches:
+                    feed.put(batch)
+                feed.put(self.DONE)
+            except Exception as e:  # noqa: BLE001 - raised in the training thread when it reaches this point
+                feed.put(e)
+
+        threading.Thread(target=fill, args=(self._iterator(epoch),), daemon=True, name=f"feed-{epoch}").start()
+        self.ahead[epoch] = feed
+
+    def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of global epoch `epoch`."""
+        if self.cfg.train.shuffle != "global":
+            yield from self._iterator(epoch)
+            return
+        if epoch not in self.ahead:
+            self._start(epoch)
+        if epoch + 1 < self.epochs:
+            self._start(epoch + 1)
+        feed = self.ahead.pop(epoch)
+        while (item := feed.get()) is not self.DONE:
+            if isinstance(item, Exception):
+                raise item
+            yield item

@@ -44,9 +44,9 @@ from transfgu_dist.pipeline.epoch_timing import EpochClock
 from transfgu_dist.pipeline.scoring import val_dataset
 from transfgu_dist.pipeline.tracking import log_epoch
 from transfgu_dist.pipeline.training_data import (
+    EpochFeed,
     build_cache,
     cache_output,
-    epoch_shard,
     ordered_ingest,
     training_dataset,
 )
@@ -168,7 +168,7 @@ def train_loop(config: dict[str, Any]) -> None:
     global_epoch = sum(epochs[:round_]) + epoch
     resumed_at = global_epoch  # > 0 when this worker group continued from a checkpoint
     started_at = time.time()  # wall clock of this worker group's start (recovery time, benchmarks.elastic)
-    clock = EpochClock()
+    clock, feed = EpochClock(), EpochFeed(cfg, boot.dev, sum(epochs))
     while round_ < len(epochs):
         if epoch >= epochs[round_]:  # round finished: publish its student, start the next round
             if rank0:
@@ -181,15 +181,7 @@ def train_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
-        local = cfg.train.shuffle == "local"
-        batches = epoch_shard(cfg, global_epoch).iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            device=boot.dev,
-            local_shuffle_buffer_size=4 * cfg.train.batch_size if local else None,
-            local_shuffle_seed=cfg.train.seed + global_epoch if local else None,
-            drop_last=cfg.train.drop_last,
-        )
-        for batch in clock.batches(batches):
+        for batch in clock.batches(feed.batches(global_epoch)):
             for k, v in boot.step(bank.with_maps(batch), alpha_at(cfg, epoch)).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
