@@ -115,7 +115,7 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
         "train.eval_every=0",
     ]
     write_images(workdir / "data", size.images, size.image_size)
-    timings, rates, ratios, memory = {}, {}, {}, {}
+    timings, rates, ratios, memory, epochs = {}, {}, {}, {}, {}
     notes = []
     from transfgu_dist.io.image_pool import cluster_gpus
 
@@ -146,6 +146,7 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
                     f"{workers} worker(s): first fit failed ({type(e).__name__}: {str(e)[:200]}); measured a second fit"
                 )
         memory[f"workers_{workers}"] = mem.result
+        epochs[f"workers_{workers}"] = contract.output(cfg, "bootstrap").manifest()["metrics"]["epoch_times"]
         boot_dir = Path(contract.output(cfg, "bootstrap").uri)
         steady, samples, span = steady_rate(
             [boot_dir / "round-0.pt", boot_dir / "round-1.pt"], lambda p: size.epochs * size.images
@@ -156,8 +157,9 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
         rates[f"end_to_end_samples_per_s_workers_{workers}"] = sig((1 + size.epochs) * size.images / wall)
         rates[f"cpus_per_worker_{workers}"] = cpus
 
-    # the ceiling: the same training step (teacher present), in-process, on a fixed batch
     cfg = bench_config(workdir, "bootstrap_w1", [*overrides])
+    timings.update(ingest_per_image(cfg, repeats))
+    # the ceiling: the same training step (teacher present), in-process, on a fixed batch
     boot = bare_bootstrapper(cfg, np.arange(size.k) < k_fg)
     p = ARCHS[size.arch][0]
     h = size.image_size // p
@@ -194,8 +196,33 @@ def bench_bootstrap(size: BootstrapSize, workdir: Path, repeats: int) -> dict[st
     notes += [
         "samples_per_s = round-1 samples (epochs x images) / (mtime round-1.pt - mtime round-0.pt): the "
         "steady state of teacher-student training, checkpoint reports included, Ray Train start-up excluded",
+        "epoch_times[workers_N][e]: seconds per phase of global epoch e, one value per rank (checkpoint: the previous "
+        "epoch's report); data_wait: the fraction of a rank's ingest_wait + step time spent waiting for batches",
+        "decode_per_image / cache_read_per_image: one image decoded and resized to the training size (the per-epoch "
+        "path before the cache) / read back from the cache, in this process, one core",
         "ratio = best of the Ray Train rates / the bare Bootstrapper.step in this process (all cores, fixed "
         "batch, no data loading); on CPU Ray gives each worker OMP_NUM_THREADS = its (rounded) CPUs",
     ]
     sizes = {**dataclasses.asdict(size), "train_crop": size.image_size // 2}
-    return bench_result(sizes, timings, rates, ratios, headline, ">= 0.9", headline >= 0.9, memory, notes)
+    doc = bench_result(sizes, timings, rates, ratios, headline, ">= 0.9", headline >= 0.9, memory, notes)
+    return {**doc, "epoch_times": epochs}
+
+
+def ingest_per_image(cfg, repeats: int) -> dict[str, dict]:
+    """Seconds per image: decoding and resizing it to train.image_size (load_images, the per-epoch path before the
+    cache) and reading it back from the committed cache."""
+    from transfgu_dist.io import parts
+    from transfgu_dist.io.datasets import image_uri
+    from transfgu_dist.io.image_pool import load_images
+    from transfgu_dist.method.resizing import resizing
+    from transfgu_dist.pipeline.training_data import cache_output
+
+    uris = parts.part_uris(cache_output(cfg))
+    paths = parts.read_table(uris, ["path"]).column("path").to_pylist()
+    batch = {"uri": np.array([image_uri(cfg, p) for p in paths])}
+    size, n = tuple(cfg.train.image_size), len(paths)
+    with torch_threads(1):
+        decode = measure(lambda: load_images(batch, size, resizing(cfg.data).images), repeats)
+        read = measure(lambda: parts.list_values(parts.read_table(uris, ["image"]).column(0), (*size, 3)), repeats)
+    per = lambda t: {"median_s": t["median_s"] / n, "runs_s": [r / n for r in t["runs_s"]]}  # noqa: E731
+    return {"decode_per_image": per(decode), "cache_read_per_image": per(read)}

@@ -105,6 +105,8 @@ def test_bench_job_tiny_ray_benchmarks(tmp_path, shared_ray):
     boot = doc["benchmarks"]["bootstrap"]
     assert positive(boot["rates"]["samples_per_s_workers_1"]) and positive(boot["rates"]["samples_per_s_workers_2"])
     assert positive(boot["rates"]["bare_step_samples_per_s"]) and positive(boot["ratios"]["workers_2_vs_1"])
+    waits = [e["data_wait"] for e in boot["epoch_times"]["workers_2"]]  # per epoch, one fraction per worker
+    assert len(waits) == 2 and all(len(w) == 2 and all(0 <= f <= 1 for f in w) for w in waits)
 
 
 def test_bench_job_rejects_unknown_benchmark():

@@ -60,10 +60,10 @@ def test_damaged_part_is_named_by_the_next_stage(tmp_path, reader, damage):
         with pytest.raises(StorageError, match=expected) as e:
             run_cluster(cfg)
     else:
-        from transfgu_dist.pipeline.stages.bootstrap import training_dataset
+        from transfgu_dist.pipeline.training_data import build_cache
 
         with pytest.raises(StorageError, match=expected) as e:
-            training_dataset(cfg)
+            build_cache(cfg)
     assert "\n" not in str(e.value)
 
 

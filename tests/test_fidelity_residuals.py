@@ -166,7 +166,7 @@ def test_reference_drops_the_last_partial_batch():
 
 def test_epoch_shuffle_seed_is_keyed_on_seed_and_epoch_only():
     """Each epoch's global reshuffle is seeded by (train.seed, epoch) alone: a resumed run draws the same orders."""
-    from transfgu_dist.pipeline.stages.bootstrap import epoch_seed
+    from transfgu_dist.pipeline.training_data import epoch_seed
 
     cfg, other = load_config(), load_config(overrides=["train.seed=7"])
     seeds = [epoch_seed(cfg, e) for e in range(4)]

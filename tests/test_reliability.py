@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from transfgu_dist.config import load_config
 from transfgu_dist.io import parts
@@ -14,7 +13,6 @@ from transfgu_dist.io.datasets import image_uri, relative_path
 from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract
-from transfgu_dist.pipeline.stages.bootstrap import bank_rows
 
 
 def test_garbage_concepts_npz_names_the_file(tmp_path):
@@ -29,38 +27,6 @@ def test_garbage_concepts_npz_names_the_file(tmp_path):
         with pytest.raises(StorageError, match=rf"{path}: expected the cluster stage's \.npz") as e:
             load_concepts(contract.output(cfg, "cluster"))
         assert "\n" not in str(e.value) and "pickled" not in str(e.value)
-
-
-def test_bank_rows_drops_unreadable_images(tmp_path, caplog):
-    """An image deleted or garbled after pseudo_label is dropped from training (and logged), not a black image."""
-    good = tmp_path / "good.png"
-    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(good)
-    (tmp_path / "garbled.png").write_bytes(b"\x89PNG garbage")
-    K, h, w = 3, 2, 2
-    terms = [np.full(K * h * w, i, np.float16) for i in range(3)]
-    shared = [np.full(h * w, i, np.float32) for i in range(3)]
-    batch = {
-        "image_id": np.array(["good", "garbled", "deleted"]),
-        "path": np.array(["good.png", "garbled.png", "deleted.png"]),  # relative to data.root
-        "grid": np.array([[h, w]] * 3),
-        "terms": np.array(terms + [None], dtype=object)[:3],
-        "shared": np.array(shared + [None], dtype=object)[:3],
-        "scale": np.ones(3, np.float32),
-        "fg_prior": np.array([np.ones(h * w, bool)] * 3 + [None], dtype=object)[:3],
-    }
-    cfg = load_config(overrides=["train.image_size=[16, 16]", f"data.root={tmp_path}"])
-    rows = bank_rows(batch, cfg)
-    assert rows["image"].shape == (1, 16, 16, 3) and np.allclose(rows["image"], 200 / 255)  # bilinear: float
-    assert rows["terms"].shape == (1, K, h, w) and (rows["terms"] == 0).all()  # the good row's maps
-    assert rows["shared"].shape == (1, h, w) and (rows["shared"] == 0).all() and rows["scale"].shape == (1,)
-    assert rows["fg_prior"].shape == (1, h, w)
-    assert "dropped 2 unreadable images of 3" in caplog.text and "garbled, deleted" in caplog.text
-    none = bank_rows({k: v[1:] for k, v in batch.items()}, cfg)
-    assert (
-        none["image"].shape == (0, 16, 16, 3)
-        and none["terms"].shape == (0, K, h, w)
-        and none["fg_prior"].shape == (0, h, w)
-    )
 
 
 def test_garbage_config_yaml_names_the_file(tmp_path):

@@ -51,11 +51,16 @@ def part_name(image_ids: Iterable[str], bad: Iterable[str]) -> str:
 
 
 def write_part(
-    out: StageOutput, table: pa.Table, image_ids: list[str], bad: list[str], reasons: dict[str, str] | None = None
+    out: StageOutput,
+    table: pa.Table,
+    image_ids: list[str],
+    bad: list[str],
+    reasons: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> str:
     """Publish `table` as one part covering `image_ids` (bad images included, listed apart, with why each could not
-    be read in `reasons`)."""
-    name = part_name(image_ids, bad)
+    be read in `reasons`), named `name` or by part_name."""
+    name = name or part_name(image_ids, bad)
     meta = {
         **(table.schema.metadata or {}),
         IDS_KEY: json.dumps(sorted(image_ids)).encode(),

@@ -3,7 +3,9 @@
 Round 0 trains the student on the pseudo labels M (Eq. 9). At the start of round r > 0 the teacher becomes
 round r-1's student and the student restarts from its initial weights; the labels are M-hat (Eqs 10-12) and
 the loss is Eq. 16. A checkpoint is reported after every epoch, so a restarted worker group (FailureConfig)
-or a rerun of the job (same RunConfig name and storage) continues from the last finished epoch.
+or a rerun of the job (same RunConfig name and storage) continues from the last finished epoch. The images are
+decoded once, before the first epoch (pipeline.training_data); each epoch's time split is reported
+(pipeline.epoch_timing).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
-import ray.train.collective
 import ray.train.torch
 import torch
 
@@ -30,61 +31,28 @@ from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.io import bank, storage
 from transfgu_dist.io.concepts_file import load_concepts
 from transfgu_dist.io.datasets import has_labels, image_uri, list_samples
-from transfgu_dist.io.image_pool import cluster_gpus, images_to_device, load_images
+from transfgu_dist.io.image_pool import cluster_gpus, images_to_device
 from transfgu_dist.io.label_maps import IGNORE
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.bootstrapping import INITIAL_BEST_SCORE, Bootstrapper, alpha_at, selection_score
 from transfgu_dist.method.metrics import confusion_matrix, scores_from_confusion
-from transfgu_dist.method.resizing import resizing
 from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.console import epoch_lines
 from transfgu_dist.pipeline.contract import StageResult
+from transfgu_dist.pipeline.epoch_timing import EpochClock
 from transfgu_dist.pipeline.scoring import val_dataset
 from transfgu_dist.pipeline.tracking import log_epoch
+from transfgu_dist.pipeline.training_data import (
+    EpochFeed,
+    build_cache,
+    cache_output,
+    ordered_ingest,
+    training_dataset,
+)
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "TRANSFGU_FAIL_ONCE_AT_EPOCH"  # chaos testing: "<epoch>:<marker file>" makes one worker crash once
-
-
-def bank_rows(batch: dict[str, np.ndarray], cfg: Config) -> dict[str, np.ndarray]:
-    """Ray Data CPU task: bank rows joined with their decoded images, map terms reshaped to (K, h, w) (decoded to
-    fp32 maps on the trainer, transfgu_dist.io.bank, so fp16 terms cross the object store); the images are found
-    under data.root by the bank's relative `path`. Rows whose image can no longer be read (deleted or garbled since
-    pseudo_label) are dropped, not trained on as black images."""
-    batch = load_images(
-        {**batch, "uri": np.array([image_uri(cfg, p) for p in batch["path"]])},
-        cfg.train.image_size,
-        resizing(cfg.data).images,
-    )
-    ok = batch["ok"]
-    if not ok.all():
-        log.warning(
-            "bootstrap: dropped %d unreadable images of %d in this batch: %s",
-            int((~ok).sum()),
-            len(ok),
-            ", ".join(map(str, batch["image_id"][~ok])),
-        )
-    return {"image": batch["image"][ok], **{k: v[ok] for k, v in bank.unpack(batch).items()}}
-
-
-def epoch_seed(cfg: Config, epoch: int) -> int:
-    """The shuffle seed of a global epoch: a function of (train.seed, epoch) only, so a resumed run reshuffles as the
-    uninterrupted one did."""
-    return int(np.random.SeedSequence([cfg.train.seed, epoch]).generate_state(1)[0])
-
-
-def training_dataset(cfg: Config, epoch: int | None = None) -> ray.data.Dataset:
-    """The bank joined with its images; with `epoch`, the bank rows globally reshuffled by Ray Data first (the
-    authors reshuffle the whole training set, repeats included, every epoch)."""
-    ds = bank.read(contract.output(cfg, "pseudo_label"), cfg.pseudo.terms_dtype)
-    if cfg.train.data_fraction < 1:
-        ds = ds.random_sample(cfg.train.data_fraction, seed=cfg.train.seed)
-    if cfg.train.epoch_repeat > 1:  # reference: VOC and Cityscapes see their training set 20 times per epoch
-        ds = ds.union(*[ds] * (cfg.train.epoch_repeat - 1))
-    if epoch is not None:
-        ds = ds.random_shuffle(seed=epoch_seed(cfg, epoch))
-    return ds.map_batches(bank_rows, fn_kwargs={"cfg": cfg}, batch_size=cfg.train.batch_size, num_cpus=1)
 
 
 MIN_IMAGES = 0.9  # bootstrap refuses to train on fewer than this fraction of its bank's images
@@ -130,22 +98,6 @@ def _export(cfg: Config, decoder: dict[str, torch.Tensor], round_: int, name: st
     contract.output(cfg, "bootstrap").write_part(name, buf.getvalue())
 
 
-def epoch_shard(cfg: Config, epoch: int) -> ray.data.DataIterator:
-    """This worker's rows of global epoch `epoch`. train.shuffle=global: rank 0 reshuffles the whole training set
-    (training_dataset) and splits it equally between the workers, order kept; else the trainer's shard."""
-    if cfg.train.shuffle != "global":
-        return ray.train.get_dataset_shard("train")
-    ctx = ray.train.get_context()
-    shards = None
-    if ctx.get_world_rank() == 0:
-        ds = training_dataset(cfg, epoch)
-        ds.context.execution_options, ds.context.enable_progress_bars = ordered_ingest(), False
-        shards = ds.streaming_split(ctx.get_world_size(), equal=True)
-    if ctx.get_world_size() > 1:
-        shards = ray.train.collective.broadcast_from_rank_zero(shards)
-    return shards[ctx.get_world_rank()]
-
-
 def validates(cfg: Config) -> bool:
     """Validation mIoU during training: every `train.eval_every` epochs where the data has labels. Without labels
     there is no label-free rule for a best epoch: no best.pt is written and final.pt is the model."""
@@ -178,11 +130,20 @@ def load_state(folder: Path, uri: str, dev: torch.device | str, name: str = "sta
         ) from None
 
 
+def cpu_threads(local_workers: int) -> int:
+    """A CPU worker's torch threads: its equal share of the node's cores. Ray sets OMP_NUM_THREADS to the worker's
+    CPUs (train.cpus_per_worker), which leaves the rest of a CPU node idle: the per-epoch ingest reads the
+    decoded-once images (pipeline.training_data) and needs little of it."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_workers))
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop."""
     cfg: Config = config["cfg"]
     mlflow_run: tuple[str, str] | None = config.get("mlflow_run")  # (tracking URI, run id) for per-epoch metrics
     ctx = ray.train.get_context()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cpu_threads(ctx.get_local_world_size()))
     boot = Bootstrapper(
         cfg,
         build_encoder(cfg.encoder),
@@ -200,13 +161,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 state["rng"] = load_state(Path(d), ckpt.path, boot.dev, f"rng-{ctx.get_world_rank()}.pt")
         boot.load(state)
         round_, epoch = state["round"], state["epoch"] + 1
-        best, group_sizes = state["best"], state.get("group_sizes", [])
+        best, group_sizes, epoch_times = state["best"], state.get("group_sizes", []), state.get("epoch_times", [])
     else:
-        best, group_sizes = {"val/score": INITIAL_BEST_SCORE}, []
+        best, group_sizes, epoch_times = {"val/score": INITIAL_BEST_SCORE}, [], []
     epochs = cfg.train.round_epochs
     global_epoch = sum(epochs[:round_]) + epoch
     resumed_at = global_epoch  # > 0 when this worker group continued from a checkpoint
     started_at = time.time()  # wall clock of this worker group's start (recovery time, benchmarks.elastic)
+    clock, feed = EpochClock(), EpochFeed(cfg, boot.dev, sum(epochs))
     while round_ < len(epochs):
         if epoch >= epochs[round_]:  # round finished: publish its student, start the next round
             if rank0:
@@ -219,14 +181,7 @@ def train_loop(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         steps = 0
-        local = cfg.train.shuffle == "local"
-        for batch in epoch_shard(cfg, global_epoch).iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            device=boot.dev,
-            local_shuffle_buffer_size=4 * cfg.train.batch_size if local else None,
-            local_shuffle_seed=cfg.train.seed + global_epoch if local else None,
-            drop_last=cfg.train.drop_last,
-        ):
+        for batch in clock.batches(feed.batches(global_epoch)):
             for k, v in boot.step(bank.with_maps(batch), alpha_at(cfg, epoch)).items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
@@ -242,7 +197,8 @@ def train_loop(config: dict[str, Any]) -> None:
             world_size=ctx.get_world_size(),
         )
         if rank0 and validates(cfg) and (global_epoch + 1) % cfg.train.eval_every == 0:
-            metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
+            with clock.phase("validate"):
+                metrics.update(validate(boot, ray.train.get_dataset_shard("val")))
             score = selection_score(metrics, cfg.train.best_by)
             if score > best["val/score"]:  # reference protocol: best epoch on val, kept apart
                 best = {
@@ -255,15 +211,19 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics.update({f"best/{k}": best[k] for k in ("val/score", "val/miou", "global_epoch") if k in best})
         metrics["epoch_seconds"] = time.perf_counter() - started  # training and validation
         if rank0 and mlflow_run:
-            log_epoch(*mlflow_run, metrics, step=global_epoch)
+            with clock.phase("log"):
+                log_epoch(*mlflow_run, metrics, step=global_epoch)
         group_sizes = [*group_sizes[:global_epoch], ctx.get_world_size()]  # worker-group size of each epoch
-        with tempfile.TemporaryDirectory() as d:  # Ray Train merges every rank's files into one checkpoint
+        epoch_times = [*epoch_times[:global_epoch], clock.record(ctx.get_world_size())]
+        clock = EpochClock()
+        with clock.phase("checkpoint"), tempfile.TemporaryDirectory() as d:  # counted in the next epoch's split
             torch.save(boot.rng_state(), Path(d) / f"rng-{ctx.get_world_rank()}.pt")
             if rank0:
                 state = {**boot.state(round_, epoch), "best": best, "group_sizes": group_sizes}
-                torch.save(state, Path(d) / "state.pt")
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({**metrics, "group_sizes": group_sizes}, checkpoint=checkpoint)
+                torch.save({**state, "epoch_times": epoch_times}, Path(d) / "state.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(d)  # Ray Train merges every rank's files into one
+            report = {**metrics, "group_sizes": group_sizes, "epoch_times": epoch_times}
+            ray.train.report(report, checkpoint=checkpoint)
         epoch += 1
         global_epoch += 1
 
@@ -310,14 +270,6 @@ def scaling_config(cfg: Config) -> ray.train.ScalingConfig:
     )
 
 
-def ordered_ingest() -> ray.data.ExecutionOptions:
-    """Ray Train's default ingest options with the row order kept: without it the batches depend on which Ray
-    Data task finishes first, so two runs on the same bank train different decoders."""
-    options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
-
-
 def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> StageResult:
     """Train all rounds on Ray Train (DDP; NCCL on GPU, gloo on CPU); commit the final (and best) decoder. The
     result's `processed` counts the epochs this run trained."""
@@ -325,7 +277,9 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     tags = {"checkpoint": out.part_uri("final.pt")}
     if out.is_committed():
         return StageResult("bootstrap", out.uri, out.manifest(), tags=tags)
-    check_images(cfg)
+    if not cache_output(cfg).is_committed():
+        check_images(cfg)
+    build_cache(cfg)
     settings_guard.prepare_train_dir(cfg)
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
         result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
