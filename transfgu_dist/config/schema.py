@@ -194,6 +194,19 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The linear probe (supervised, off by default): a 1x1 linear head on the frozen encoder's patch features,
+    trained with the train split's labels on one Ray Train worker (train.use_gpu, train.cpus_per_worker), scored on
+    val beside the unsupervised figures (STEGO's "Linear" column)."""
+
+    enabled: bool = False
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
 class ResourcesConfig:
     """What the stages ask Ray for, so the autoscaler adds the nodes that provide it (cluster/aws-gpu.yaml)."""
 
@@ -227,6 +240,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     @property

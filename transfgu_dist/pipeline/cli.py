@@ -242,10 +242,12 @@ def log_stage(result: StageResult, seconds: float) -> None:
 
 
 def run_summary(results: dict[str, StageResult], timings: dict[str, float]) -> dict[str, float]:
-    """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
+    """The parent run's metrics: wall time, final mIoU and pixel accuracy, the results table's figures, best and
+    last epoch's val mIoU."""
     out = {"wall_seconds": sum(timings.values())}
     if "evaluate" in results:
-        out.update({k: v for k, v in results["evaluate"].metrics.items() if k in ("miou", "pixel_accuracy")})
+        kept = {k: v for k, v in results["evaluate"].metrics.items() if k in ("miou", "pixel_accuracy")}
+        out.update({**kept, **{k: v for k, v in results["evaluate"].metrics.items() if k.startswith("table/")}})
     epoch = results["bootstrap"].manifest.get("metrics") or {} if "bootstrap" in results else {}
     if "best/val/miou" in epoch and "val/miou" in epoch:
         out.update(

@@ -1,5 +1,5 @@
-"""The summary a run ends with: stage wall times, the validation and Table 3 lines, the evaluation (mIoU, or for a
-label-free run where its cluster description is), the outputs and the MLflow model."""
+"""The summary a run ends with: stage wall times, the validation and Table 3 lines, the evaluation (mIoU and the
+results table, or for a label-free run where its cluster description is), the outputs and the MLflow model."""
 
 from __future__ import annotations
 
@@ -50,5 +50,8 @@ def print_summary(
                 f"mIoU {miou}  pixel accuracy {100 * m['pixel_accuracy']:.2f}  "
                 f"({m['n_images']} val images{bad}, {m['checkpoint']})"
             )
+            if m.get("results_table"):
+                print(f"results table ({storage.join(folder, 'results_table.md')}):")
+                print(storage.read_bytes(storage.join(folder, "results_table.md")).decode())
     print(f"outputs: {cfg.output}" + (f"\nMLflow model: {model_uri}" if model_uri else ""))
     print(f"MLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")
