@@ -48,7 +48,7 @@ class DataConfig:
     n_classes: int = 8  # ground-truth classes scored at evaluation
     limit: int | None = None  # use only the first N images of each split (smoke runs)
     train_list: str | None = None  # file of image ids (one a line) restricting the train split, e.g. the
-    val_list: str | None = None  # curated COCO lists; local or s3:// (None: the whole split)
+    val_list: str | None = None  # curated COCO lists; local, s3:// or a name under data.root (None: whole split)
     synthetic_train: int = 48
     synthetic_val: int = 16
     synthetic_size: int = 128
@@ -231,6 +231,9 @@ class Config:
     mlflow_artifacts: str = ""  # artifact root of an experiment this run creates (local or s3://); "" =
     # <output>/mlflow-artifacts on s3://, else beside a SQLite store
     seed: int = 2021
+    # run_all with seeds > 1: bootstrap and evaluate once per seed (train.seed, probe.seed + 0..seeds-1) on the same
+    # features, concepts and bank, in parallel on Ray Tune, reported as mean and sample std (pipeline.seeds)
+    seeds: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     crops: CropConfig = field(default_factory=CropConfig)

@@ -336,13 +336,19 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
         done = f"the committed stages ({', '.join(committed)})" if committed else "no committed stage"
         return f"{done} and the finished parts of the next, under {cfg.output}"
 
+    from transfgu_dist.pipeline.seeds import SEEDED, run_seeds
+
+    seeded = cfg.seeds > 1 and "bootstrap" in stages  # the seeded stages run per seed, after the others
+    once = [s for s in stages if not (seeded and s in SEEDED)]
     with (
         Reported(args.debug) as failure,
         ctrl_c(kept, argv, lambda: tracking.close_orphans(cfg, quiet=True)),
         ray_console(args),
     ):
-        summary, model_uri = run_stages(cfg, stages, weights, results, timings, failure)
+        summary, model_uri = run_stages(cfg, once, weights, results, timings, failure) if once else ({}, None)
+        failure.stage = "seeds"
+        seeds = run_seeds(cfg) if seeded else None
     from transfgu_dist.pipeline.summary import print_summary
 
-    print_summary(cfg, results, timings, summary, model_uri)
-    return {"config": cfg, "results": results, "timings": timings}
+    print_summary(cfg, results, timings, summary, model_uri, seeds)
+    return {"config": cfg, "results": results, "timings": timings, "seeds": seeds}

@@ -101,17 +101,45 @@ def results_table(
 
 def table_metrics(table: list[dict[str, Any]]) -> dict[str, float]:
     """MLflow metrics `table/<row>/{miou,pixel_accuracy}`, those that exist (never NaN)."""
+    return {f"table/{r['row']}/{k}": r[k] for r in table for k in ("miou", "pixel_accuracy") if r[k] is not None}
+
+
+def aggregate(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of several runs' tables (the same rows, e.g. one run per seed) with each figure replaced by
+    {"mean", "std", "n"}: its mean and sample standard deviation (n - 1 in the denominator) over the runs where it
+    is not None (std None below two)."""
+    out = []
+    for rows in zip(*tables, strict=True):
+        figures = {}
+        for k in ("miou", "pixel_accuracy"):
+            values = np.array([r[k] for r in rows if r[k] is not None], dtype=np.float64)
+            mean = float(values.mean()) if len(values) else None
+            std = float(values.std(ddof=1)) if len(values) > 1 else None
+            figures[k] = {"mean": mean, "std": std, "n": len(values)}
+        out.append({**rows[0], **figures})
+    return out
+
+
+def aggregate_metrics(table: list[dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics `table/<row>/{miou,pixel_accuracy}/{mean,std}` of an aggregated table, those that exist."""
     return {
-        f"table/{r['row']}/{k}": r[k] for r in table for k in ("miou", "pixel_accuracy") if r[k] is not None
+        f"table/{r['row']}/{k}/{stat}": r[k][stat]
+        for r in table
+        for k in ("miou", "pixel_accuracy")
+        for stat in ("mean", "std")
+        if r[k][stat] is not None
     }
 
 
-def pct(v: float | None) -> str:
+def pct(v: float | dict[str, Any] | None) -> str:
+    """A figure in percent; an aggregated one as `mean ± std`."""
+    if isinstance(v, dict):
+        return f"{pct(v['mean'])} ± {pct(v['std'])}"
     return "n/a" if v is None else f"{100 * v:.2f}"
 
 
 def markdown(table: list[dict[str, Any]], title: str) -> str:
-    """The table in Markdown, figures in percent, under a `title` line."""
+    """The table (or an aggregated one) in Markdown, figures in percent, under a `title` line."""
     lines = [
         f"### {title}",
         "",

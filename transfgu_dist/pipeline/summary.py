@@ -1,5 +1,6 @@
 """The summary a run ends with: stage wall times, the validation and Table 3 lines, the evaluation (mIoU and the
-results table, or for a label-free run where its cluster description is), the outputs and the MLflow model."""
+results table, or for a label-free run where its cluster description is), the seeds' mean ± std table, the outputs
+and the MLflow model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def print_summary(
     timings: dict[str, float],
     summary: dict[str, Any],
     model_uri: str | None,
+    seeds: dict[str, Any] | None = None,
 ) -> None:
     print("\nstage wall times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     if "best/val/miou" in summary:
@@ -53,5 +55,9 @@ def print_summary(
             if m.get("results_table"):
                 print(f"results table ({storage.join(folder, 'results_table.md')}):")
                 print(storage.read_bytes(storage.join(folder, "results_table.md")).decode())
+    if seeds:
+        table = storage.join(cfg.output, "seeds", "results_table.md")
+        print(f"seeds {', '.join(map(str, seeds['seeds']))} (train.seed; each under {cfg.output}/seeds): {table}")
+        print(storage.read_bytes(table).decode())
     print(f"outputs: {cfg.output}" + (f"\nMLflow model: {model_uri}" if model_uri else ""))
     print(f"MLflow: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg)}")

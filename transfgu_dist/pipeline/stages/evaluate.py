@@ -109,9 +109,10 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
 
     Writes `<folder>/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and `bad_images.txt`
     when images or labels could not be read; they are not scored); the run's own evaluate (eval.checkpoint "" and
-    eval.crf false) also `results_table.md` (and `linear_probe.pt` with probe.enabled). It commits it with the metrics in the manifest (the folder: contract.folder_uri; the result's
-    metrics are mIoU, pixel accuracy, per-class IoU and the results table's figures, results_table); a committed
-    stage returns its stored metrics without recomputing.
+    eval.crf false) also `results_table.md` (and `linear_probe.pt` with probe.enabled). It commits the folder with
+    the metrics in the manifest (the folder: contract.folder_uri; the result's metrics are mIoU, pixel accuracy,
+    per-class IoU and the results table's figures, results_table); a committed stage returns its stored metrics
+    without recomputing.
     """
     out = contract.output(cfg, "evaluate")
     if out.is_committed():
