@@ -140,9 +140,12 @@ def pct(v: float | dict[str, Any] | None) -> str:
 
 def markdown(table: list[dict[str, Any]], title: str) -> str:
     """The table (or an aggregated one) in Markdown, figures in percent, under a `title` line."""
+    return f"### {title}\n\n" + "\n".join(markdown_rows(table)) + "\n"
+
+
+def markdown_rows(table: list[dict[str, Any]]) -> list[str]:
+    """The Markdown table's lines: header, rule, one line per row."""
     lines = [
-        f"### {title}",
-        "",
         "| # | protocol | checkpoint | CRF | mIoU | pixel accuracy |",
         "|---|---|---|---|---|---|",
     ]
@@ -151,4 +154,4 @@ def markdown(table: list[dict[str, Any]], title: str) -> str:
         lines.append(
             f"| {i} | {r['protocol']} | {r['checkpoint']} | {crf} | {pct(r['miou'])} | {pct(r['pixel_accuracy'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines

@@ -38,15 +38,26 @@ def seed_config(cfg: Config, i: int) -> Config:
     return out
 
 
-def run_seed(params: dict[str, Any], base: Config) -> None:
-    """Tune trainable: bootstrap and evaluate of seed `params["i"]`; reports its evaluate metrics."""
+def seed_stages(cfg: Config) -> dict[str, float]:
+    """Bootstrap and evaluate of one seed's config; its evaluate metrics."""
     from transfgu_dist.pipeline.stages.bootstrap import run_bootstrap
     from transfgu_dist.pipeline.stages.evaluate import run_evaluate
 
-    cfg = seed_config(base, params["i"])
     settings_guard.check(cfg, list(SEEDED))
     run_bootstrap(cfg)
-    tune.report({"train_seed": cfg.train.seed, **run_evaluate(cfg).metrics})
+    return run_evaluate(cfg).metrics
+
+
+def run_seed(params: dict[str, Any], base: Config) -> None:
+    """Tune trainable: the stages of seed `params["i"]` in a task outside the trial's placement group (their Ray
+    Data and Ray Train work asks for its own resources, as in a run); reports its evaluate metrics."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    cfg = seed_config(base, params["i"])
+    free = PlacementGroupSchedulingStrategy(placement_group=None)
+    task = ray.remote(seed_stages).options(num_cpus=0, scheduling_strategy=free)
+    tune.report({"train_seed": cfg.train.seed, **ray.get(task.remote(cfg))})
 
 
 def run_seeds(cfg: Config) -> dict[str, Any]:
