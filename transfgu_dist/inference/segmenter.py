@@ -115,8 +115,7 @@ def predict(
     crf: CRFConfig | None = None,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax;
-    `crf` refines each image's upsampled logits with the dense CRF first (images must then be at `size`)."""
+    """Cluster index per pixel at `size`: `pixel_labels` of the decoder's patch-grid logits."""
     return pixel_labels(cluster_logits(encoder, decoder, images, precision), images, size, crf)
 
 
