@@ -182,12 +182,12 @@ def job(stage: str, *args: str, env: dict[str, str | None] | None = None, timeou
 
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory):
-    """One complete `jobs/run_all.py` run on small synthetic data (a real local Ray); returns its output, where its
-    console output (stdout + stderr) is kept as `console.log`."""
+    """One complete `jobs/run_all.py` run on small synthetic data (a real local Ray), with the linear probe; returns
+    its output, where its console output (stdout + stderr) is kept as `console.log`."""
     from pathlib import Path
 
     out = tmp_path_factory.mktemp("e2e")
-    log = job("run_all", f"output={out}", *SMALL)
+    log = job("run_all", f"output={out}", *SMALL, "probe.enabled=true", "probe.epochs=3", "probe.lr=0.01")
     (Path(out) / "console.log").write_text(log)
     assert "mIoU" in log and "stage wall times" in log
     return Path(out)

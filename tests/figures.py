@@ -56,6 +56,12 @@ def scores(metrics_json: Path) -> dict:
     }
 
 
+def table_figures(metrics_json: Path) -> dict:
+    """evaluate's results-table figures (the linear probe's among them) from its metrics.json."""
+    rows = json.loads(metrics_json.read_text())["results_table"]
+    return {f"{r['row']}/{k}": r[k] for r in rows for k in ("miou", "pixel_accuracy")}
+
+
 def check(name: str, got: dict) -> None:
     """Compare `got` with tests/golden/<name>.json: the same keys, None where it is None, numbers within the
     tolerance of their kind (keys starting with "loss" are losses, every other number a score).

@@ -81,6 +81,7 @@ def test_demo_console_is_short_shows_progress_and_epochs_and_ends_in_the_summary
     lines = text.strip().splitlines()
     assert len(lines) <= 40, text
     assert lines[-1].startswith("MLflow: mlflow ui") and any(line.startswith("mIoU ") for line in lines[-5:])
+    assert sum(line.startswith("| ") and line.endswith(" |") for line in lines) == 7  # header + the table's 6 rows
     for stage, n in (("extract", 12), ("pseudo_label", 12), ("evaluate", 6)):  # one progress line each (no TTY)
         assert sum(f" {stage}: {n}/{n} images [" in line for line in lines) == 1, text
     epochs = [line for line in lines if "bootstrap: epoch " in line]

@@ -228,6 +228,14 @@ def test_curated_split_list(tmp_path, caplog):
         list_samples(cfg_for(tmp_path, "cocostuff27", f"data.val_list={tmp_path / 'wrong.txt'}"), "val")
 
 
+def test_curated_preset_reads_the_lists_under_the_data_root(tmp_path):
+    make_cocostuff(tmp_path)
+    with pytest.raises(DatasetLayoutError, match="curated_val.txt: missing .*nothing is downloaded"):
+        list_samples(cfg_for(tmp_path, "cocostuff27_curated"), "val")
+    (tmp_path / "curated_val.txt").write_text("000000000139\n")
+    assert [s.image_id for s in list_samples(cfg_for(tmp_path, "cocostuff27_curated"), "val")] == ["000000000139"]
+
+
 def test_cocostuff_layout_errors(tmp_path):
     cfg = cfg_for(tmp_path, "cocostuff27")
     with pytest.raises(DatasetLayoutError, match=r"images/train2017: missing the COCO train2017 images"):

@@ -93,6 +93,12 @@ def test_run_evaluate_writes_and_commits(shared_ray, data_dir, tmp_path, monkeyp
     manifest = json.loads((out / "_SUCCESS.json").read_text())
     assert manifest["metrics"] == metrics and "metrics.json" in manifest["parts"]
     assert metrics["table3"] == {"pseudo_labels": None, "round0_student": None, "student": metrics["miou"]}  # no bank
+    # no best.pt, no probe: the label-free rows only, the first one evaluate's own figures
+    assert [r["row"] for r in metrics["results_table"]] == ["final", "final_crf"]
+    first = metrics["results_table"][0]
+    assert (first["miou"], first["pixel_accuracy"]) == (metrics["miou"], metrics["pixel_accuracy"])
+    assert result.metrics["table/final/miou"] == metrics["miou"]
+    assert "| 1 | label-free: final checkpoint" in (out / "results_table.md").read_text()
 
     def recompute(*args, **kwargs):
         raise AssertionError("a committed stage must not be recomputed")

@@ -48,7 +48,7 @@ class DataConfig:
     n_classes: int = 8  # ground-truth classes scored at evaluation
     limit: int | None = None  # use only the first N images of each split (smoke runs)
     train_list: str | None = None  # file of image ids (one a line) restricting the train split, e.g. the
-    val_list: str | None = None  # curated COCO lists; local or s3:// (None: the whole split)
+    val_list: str | None = None  # curated COCO lists; local, s3:// or a name under data.root (None: whole split)
     synthetic_train: int = 48
     synthetic_val: int = 16
     synthetic_size: int = 128
@@ -194,6 +194,19 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The linear probe (supervised, off by default): a 1x1 linear head on the frozen encoder's patch features,
+    trained with the train split's labels on one Ray Train worker (train.use_gpu, train.cpus_per_worker), scored on
+    val beside the unsupervised figures (STEGO's "Linear" column)."""
+
+    enabled: bool = False
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclass
 class ResourcesConfig:
     """What the stages ask Ray for, so the autoscaler adds the nodes that provide it (cluster/aws-gpu.yaml)."""
 
@@ -218,6 +231,9 @@ class Config:
     mlflow_artifacts: str = ""  # artifact root of an experiment this run creates (local or s3://); "" =
     # <output>/mlflow-artifacts on s3://, else beside a SQLite store
     seed: int = 2021
+    # run_all with seeds > 1: bootstrap and evaluate once per seed (train.seed, probe.seed + 0..seeds-1) on the same
+    # features, concepts and bank, in parallel on Ray Tune, reported as mean and sample std (pipeline.seeds)
+    seeds: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     crops: CropConfig = field(default_factory=CropConfig)
@@ -227,6 +243,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     @property

@@ -115,9 +115,16 @@ def predict(
     crf: CRFConfig | None = None,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Cluster index per pixel: logits at the patch grid, bilinearly upsampled to `size`, argmax;
-    `crf` refines each image's upsampled logits with the dense CRF first (images must then be at `size`)."""
-    logits = cluster_logits(encoder, decoder, images, precision)
+    """Cluster index per pixel at `size`: `pixel_labels` of the decoder's patch-grid logits."""
+    return pixel_labels(cluster_logits(encoder, decoder, images, precision), images, size, crf)
+
+
+@torch.no_grad()
+def pixel_labels(
+    logits: torch.Tensor, images: torch.Tensor, size: tuple[int, int], crf: CRFConfig | None = None
+) -> np.ndarray:
+    """`predict` from patch-grid logits (B, n_outputs, h, w): upsampled bilinearly to `size`, refined by the dense
+    CRF when `crf` is given (images at `size`), argmax."""
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     if crf is not None:
         rgb = images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

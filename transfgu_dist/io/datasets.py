@@ -73,7 +73,7 @@ def _stem(uri: str) -> str:
 
 def _files(uri: str, what: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
     if not storage.exists(uri):
-        raise DatasetLayoutError(f"{uri}: missing {what}")
+        raise DatasetLayoutError(f"{uri}: missing {what} (nothing is downloaded: put the id list there)")
     files = storage.list_files(uri, suffixes)
     if not files:
         raise DatasetLayoutError(f"{uri}: no files found ({what}; expected files ending in {', '.join(suffixes)})")
@@ -94,7 +94,7 @@ def _examples(ids: set[str] | list[str], n: int = 3) -> str:
 def _read_ids(uri: str, what: str) -> list[str]:
     """Ids of a list file, one a line (blank lines and '#' comments skipped, an image extension dropped)."""
     if not storage.exists(uri):
-        raise DatasetLayoutError(f"{uri}: missing {what}")
+        raise DatasetLayoutError(f"{uri}: missing {what} (nothing is downloaded: put the id list there)")
     ids = []
     for line in storage.read_bytes(uri).decode().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -267,7 +267,8 @@ READERS: dict[str, Callable[[Config, str, str], list[Sample]]] = {
 
 
 def _restrict(cfg: Config, split: str, samples: list[Sample]) -> list[Sample]:
-    """Keep the ids of `data.train_list` / `data.val_list` (curated splits); unknown ids are reported."""
+    """Keep the ids of `data.train_list` / `data.val_list` (curated splits; a relative name is read under the data
+    root); unknown ids are reported."""
     list_uri = (
         cfg.data.train_list
         if split == cfg.data.train_split
@@ -277,6 +278,8 @@ def _restrict(cfg: Config, split: str, samples: list[Sample]) -> list[Sample]:
     )
     if not list_uri:
         return samples
+    if "://" not in list_uri and not list_uri.startswith("/"):  # a bare name lives under the data root
+        list_uri = storage.join(cfg.data_root, list_uri)
     ids = set(_read_ids(list_uri, f"the image list of the '{split}' split"))
     kept = [s for s in samples if s.image_id in ids]
     unknown = ids - {s.image_id for s in kept}

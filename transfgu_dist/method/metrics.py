@@ -75,15 +75,17 @@ class Scores:
         }
 
 
-def scores_from_confusion(conf: np.ndarray) -> Scores:
+def scores_from_confusion(conf: np.ndarray, matching: np.ndarray | None = None) -> Scores:
     """mIoU and pixel accuracy from a whole-split ``conf[gt, pred]``.
 
     IoU_c = TP/(TP+FP+FN). Pixels predicted as unmatched clusters count as misses of their gt
     class. mIoU averages over gt classes present in the gt or in the matched prediction.
+    ``matching`` (the gt class of each prediction) replaces the Hungarian one: the identity for a
+    head trained with labels, whose outputs are classes (a linear probe).
     """
     conf = np.asarray(conf, dtype=np.int64)
     n_gt, n_pred = conf.shape
-    matching = hungarian_match(conf)
+    matching = hungarian_match(conf) if matching is None else np.asarray(matching, dtype=np.int64)
     to_gt = np.zeros((n_pred, n_gt), dtype=np.int64)  # one-hot cluster -> class map
     matched = np.flatnonzero(matching >= 0)
     to_gt[matched, matching[matched]] = 1

@@ -242,10 +242,12 @@ def log_stage(result: StageResult, seconds: float) -> None:
 
 
 def run_summary(results: dict[str, StageResult], timings: dict[str, float]) -> dict[str, float]:
-    """The parent run's metrics: wall time, final mIoU and pixel accuracy, best and last epoch's val mIoU."""
+    """The parent run's metrics: wall time, final mIoU and pixel accuracy, the results table's figures, best and
+    last epoch's val mIoU."""
     out = {"wall_seconds": sum(timings.values())}
     if "evaluate" in results:
-        out.update({k: v for k, v in results["evaluate"].metrics.items() if k in ("miou", "pixel_accuracy")})
+        kept = {k: v for k, v in results["evaluate"].metrics.items() if k in ("miou", "pixel_accuracy")}
+        out.update({**kept, **{k: v for k, v in results["evaluate"].metrics.items() if k.startswith("table/")}})
     epoch = results["bootstrap"].manifest.get("metrics") or {} if "bootstrap" in results else {}
     if "best/val/miou" in epoch and "val/miou" in epoch:
         out.update(
@@ -334,13 +336,19 @@ def run(stages: Sequence[str], description: str, argv: Sequence[str] | None = No
         done = f"the committed stages ({', '.join(committed)})" if committed else "no committed stage"
         return f"{done} and the finished parts of the next, under {cfg.output}"
 
+    from transfgu_dist.pipeline.seeds import SEEDED, run_seeds
+
+    seeded = cfg.seeds > 1 and "bootstrap" in stages  # the seeded stages run per seed, after the others
+    once = [s for s in stages if not (seeded and s in SEEDED)]
     with (
         Reported(args.debug) as failure,
         ctrl_c(kept, argv, lambda: tracking.close_orphans(cfg, quiet=True)),
         ray_console(args),
     ):
-        summary, model_uri = run_stages(cfg, stages, weights, results, timings, failure)
+        summary, model_uri = run_stages(cfg, once, weights, results, timings, failure) if once else ({}, None)
+        failure.stage = "seeds"
+        seeds = run_seeds(cfg) if seeded else None
     from transfgu_dist.pipeline.summary import print_summary
 
-    print_summary(cfg, results, timings, summary, model_uri)
-    return {"config": cfg, "results": results, "timings": timings}
+    print_summary(cfg, results, timings, summary, model_uri, seeds)
+    return {"config": cfg, "results": results, "timings": timings, "seeds": seeds}

@@ -43,7 +43,7 @@ STAGES: dict[str, Stage] = {
             log_manifest=True,
             epoch_metrics=True,
         ),
-        Stage("evaluate", "evaluate", ("eval",), log_files=True),
+        Stage("evaluate", "evaluate", ("eval", "probe"), log_files=True),
     )
 }
 

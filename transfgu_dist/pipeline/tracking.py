@@ -132,7 +132,7 @@ def log_epoch(uri: str, run_id: str, metrics: dict[str, float], step: int) -> No
     MlflowClient(uri).log_batch(run_id, metrics=numbers)
 
 
-def log_outputs(uri: str, artifact_path: str, suffixes: tuple[str, ...] = (".json", ".png")) -> None:
+def log_outputs(uri: str, artifact_path: str, suffixes: tuple[str, ...] = (".json", ".png", ".md")) -> None:
     """Copy a stage's result files (local or s3://) into the active run's artifacts."""
     with tempfile.TemporaryDirectory() as d:
         for f in storage.list_files(uri, suffixes):

@@ -28,9 +28,11 @@ from transfgu_dist.pipeline.console import track
 from transfgu_dist.pipeline.contract import StageResult
 from transfgu_dist.pipeline.image_stage import list_bad_images
 from transfgu_dist.pipeline.recovery import node_losses
+from transfgu_dist.pipeline.results_table import markdown, results_table, table_metrics
 from transfgu_dist.pipeline.scoring import Predictor, bad_ids, val_dataset
 
 log = logging.getLogger(__name__)
+RESULTS_MD = "results_table.md"  # the results table in Markdown, beside metrics.json
 
 
 def default_checkpoint(cfg: Config) -> str:
@@ -67,6 +69,22 @@ def class_names(cfg: Config) -> list[str]:
     return names
 
 
+def table_models(cfg: Config, out: StageOutput) -> tuple[dict[str, Any], dict[str, str], dict[str, float]]:
+    """The results table's models: the run's bootstrap/final.pt and best.pt where they exist, and the linear probe
+    trained here with probe.enabled; with the checkpoint each row names and the probe's last training figures."""
+    models, names, probe = {}, {}, {}
+    for model in ("final", "best"):
+        uri = storage.join(cfg.output, "bootstrap", f"{model}.pt")
+        if storage.exists(uri):
+            models[model], names[model] = load_decoder(uri, cfg), relative_checkpoint(cfg, uri)
+    if cfg.probe.enabled:
+        from transfgu_dist.pipeline.linear_probe import PROBE_FILE, train_probe
+
+        models["linear"], probe = train_probe(cfg, out)
+        names["linear"] = relative_checkpoint(cfg, out.part_uri(PROBE_FILE))
+    return models, names, probe
+
+
 def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) -> StageResult:
     """The evaluate stage's result: mIoU, pixel accuracy and per-class IoU (names made MLflow-safe). A class absent
     from the ground truth and the prediction has no IoU (null in metrics.json) and no metric: nothing is NaN."""
@@ -79,6 +97,7 @@ def evaluate_result(out: StageOutput, manifest: dict[str, Any], processed: int) 
         "pixel_accuracy": m["pixel_accuracy"],
         **{"iou/" + re.sub(r"[^\w\-. /]", "_", c): v for c, v in m.get("per_class_iou", {}).items()},
         **{f"table3/{k}": v for k, v in m.get("table3", {}).items()},
+        **table_metrics(m.get("results_table", [])),
     }
     numbers = {k: v for k, v in metrics.items() if v is not None and v == v}  # v != v: NaN
     return StageResult("evaluate", out.uri, manifest, processed, metrics=numbers)
@@ -88,10 +107,12 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     """Score the decoder at `checkpoint` (default: `eval.checkpoint`, see default_checkpoint) on `data.val_split`;
     without labels (`data.layout=folder`) describe its clusters on the images instead (cluster_summary).
 
-    Writes `<folder>/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and
-    `bad_images.txt` when images or labels could not be read; they are not scored) and commits it with the metrics
-    in the manifest (the folder: contract.folder_uri; the result's metrics are mIoU, pixel accuracy and per-class
-    IoU); a committed stage returns its stored metrics without recomputing.
+    Writes `<folder>/{metrics.json, confusion.png, per_class_iou.png, overlays/<id>.png}` (and `bad_images.txt`
+    when images or labels could not be read; they are not scored); the run's own evaluate (eval.checkpoint "" and
+    eval.crf false) also `results_table.md` (and `linear_probe.pt` with probe.enabled). It commits the folder with
+    the metrics in the manifest (the folder: contract.folder_uri; the result's metrics are mIoU, pixel accuracy,
+    per-class IoU and the results table's figures, results_table); a committed stage returns its stored metrics
+    without recomputing.
     """
     out = contract.output(cfg, "evaluate")
     if out.is_committed():
@@ -138,6 +159,12 @@ def run_evaluate(cfg: Config, checkpoint: str | None = None) -> StageResult:
     from transfgu_dist.pipeline.table3 import table3  # imports this module
 
     metrics["table3"] = table3(cfg, samples, s["miou"])
+    if not cfg.eval.checkpoint and not cfg.eval.crf:  # the run's own evaluate: the table of all its checkpoints
+        models, checkpoints, probe = table_models(cfg, out)
+        metrics["results_table"] = results_table(cfg, samples, models, checkpoints)
+        metrics.update({"linear_probe_training": probe} if probe else {})
+        title = f"{cfg.output} ({n_images} val images)"
+        out.write_part(RESULTS_MD, markdown(metrics["results_table"], title).encode())
     out.write_part("metrics.json", json.dumps(metrics, indent=2).encode())
     out.write_part("confusion.png", confusion_matrix_png(scores.confusion, names))
     out.write_part("per_class_iou.png", per_class_iou_png(scores.per_class_iou, names))
