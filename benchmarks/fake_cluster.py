@@ -8,7 +8,6 @@ joins it) and on free ports, and is shut down by its handle, never with `ray sto
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +31,11 @@ def free_port() -> int:
 
 
 def kill_processes_under(temp: str) -> None:
-    """SIGKILL this cluster's processes left behind (their command lines or environments name its temp dir)."""
-    for proc in Path("/proc").glob("[0-9]*"):
+    """SIGKILL this cluster's processes left behind (their command lines name its temp dir)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError, ValueError):
-            if any(temp in (proc / name).read_text(errors="ignore") for name in ("cmdline", "environ")):
-                os.kill(int(proc.name), signal.SIGKILL)
+            if temp in cmdline.read_text(errors="ignore"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
 
 
 def start_head(temp: str, tries: int = 3):
@@ -82,63 +80,6 @@ def fake_cluster(nodes: int = 3) -> Iterator[object]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def autoscaling_config(gcs_address: str, max_nodes: int) -> dict:
-    """Ray's fake multi-node provider (RAY_FAKE_CLUSTER=1): a head of no GPU and a GPU node type (NODE) of
-    `min_workers: 0`, as cluster/aws-gpu.yaml; the provider starts each node as Ray processes on this machine."""
-    resources = {"CPU": NODE["num_cpus"], "GPU": NODE["num_gpus"], "object_store_memory": NODE["object_store_memory"]}
-    return {
-        "cluster_name": "fake-gpu",
-        "max_workers": max_nodes,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 5,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address},
-        "auth": {"ssh_user": "ray"},
-        "available_node_types": {
-            "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
-            "gpu_worker": {"resources": resources, "node_config": {}, "min_workers": 0, "max_workers": max_nodes},
-        },
-        "head_node_type": "ray.head.default",
-        **{k: {} for k in ("docker", "file_mounts")},
-        **{k: [] for k in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands")},
-        **{k: [] for k in ("setup_commands", "head_setup_commands", "worker_setup_commands")},
-        **{k: [] for k in ("head_start_ray_commands", "worker_start_ray_commands")},
-        "file_mounts_sync_continuously": False,
-    }
-
-
-@dataclass
-class AutoscalingCluster:
-    """A started fake autoscaling cluster: the address jobs join and the dashboard's (for ray.util.state)."""
-
-    address: str
-    dashboard: str
-
-
-@contextlib.contextmanager
-def fake_autoscaling_cluster(head_cpus: int = 1, max_nodes: int = 2) -> Iterator[AutoscalingCluster]:
-    """`ray start --head` with the fake multi-node autoscaler (autoscaling_config): GPU nodes are added only when
-    tasks or actors ask for GPUs. Its own temp dir and free ports; ended by killing its processes, never `ray stop`."""
-    import ray._private.services as services
-
-    temp = tempfile.mkdtemp(prefix="ras", dir="/tmp")  # short: Ray's socket paths live under it
-    ip, port, dashboard = services.get_node_ip_address(), free_port(), free_port()
-    config = Path(temp) / "autoscaling.json"
-    config.write_text(json.dumps(autoscaling_config(f"{ip}:{port}", max_nodes)))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_TMPDIR=temp, RAY_AUTH_MODE="disabled")
-    ports = {"port": port, "dashboard-port": dashboard, "ray-client-server-port": free_port()}
-    ports.update({"dashboard-agent-listen-port": free_port(), "metrics-export-port": free_port()})
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--temp-dir={temp}"]
-    command += [f"--num-cpus={head_cpus}", "--num-gpus=0", f"--autoscaling-config={config}"]
-    command += [f"--{k}={v}" for k, v in ports.items()] + ["--object-store-memory=200000000"]
-    try:
-        subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-        yield AutoscalingCluster(f"{ip}:{port}", f"http://127.0.0.1:{dashboard}")
-    finally:
-        kill_processes_under(temp)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
 class Job:
     """`python jobs/<stage>.py --address=<cluster> args...`, its console collected line by line as it runs."""
 
@@ -150,7 +91,6 @@ class Job:
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # --address, not a shared Ray
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
