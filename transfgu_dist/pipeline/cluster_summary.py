@@ -15,7 +15,7 @@ from transfgu_dist.config import Config
 from transfgu_dist.inference.segmenter import predict
 from transfgu_dist.inference.viz import cluster_sheet_png
 from transfgu_dist.io.datasets import Sample
-from transfgu_dist.io.image_pool import actor_device, actor_pool, images_to_device, load_images
+from transfgu_dist.io.image_pool import actor_device, actor_pool, images_to_device, load_images, to_uint8
 from transfgu_dist.io.stage_output import StageOutput
 from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.decoder import MaskTransformer
@@ -58,7 +58,7 @@ def best_tiles(kept: dict[int, list], row: dict[str, Any], n: int) -> None:
     shares = row["pixels"] / max(row["pixels"].sum(), 1)
     for k in np.flatnonzero(shares):
         tiles = kept.setdefault(int(k), [])
-        tiles.append((float(shares[k]), str(row["uri"]), row["image"], row["pred"]))
+        tiles.append((float(shares[k]), str(row["uri"]), to_uint8(row["image"]), row["pred"]))
         tiles.sort(key=lambda t: -t[0])
         del tiles[n:]
 

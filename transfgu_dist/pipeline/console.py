@@ -98,18 +98,23 @@ def track(
             progress.close()
 
 
+def driver_queue() -> Any:
+    """A Ray queue on the driver's node: a worker node lost mid-stage must not take the driver's lines with it."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+
+
 @contextlib.contextmanager
 def images_done(desc: str, total: int, poll: float = 0.5) -> Iterator[Any]:
     """A Progress of `total` images fed by the stage's actors: they put the number of images each encoder batch
     finished into the yielded Ray queue, and the driver counts them as they arrive (not per committed part)."""
-    import ray
-    from ray.util.queue import Empty, Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.queue import Empty
 
-    # the queue lives on the driver's node: a worker node lost mid-stage must not take the progress count with it
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    progress, stop = Progress(desc, total), threading.Event()
+    queue, progress, stop = driver_queue(), Progress(desc, total), threading.Event()
 
     def count() -> None:
         while True:
@@ -201,9 +206,9 @@ def epoch_reporter_class() -> type:
 def epoch_lines(epochs: int, poll: float = 0.5) -> Iterator[Any]:
     """A Ray Train callback whose epochs the driver logs as they end (one `epoch_line` each) while the block runs;
     the lines still queued when it ends are logged before it returns."""
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Empty
 
-    queue, stop, recoveries = Queue(), threading.Event(), Recoveries(epochs)
+    queue, stop, recoveries = driver_queue(), threading.Event(), Recoveries(epochs)
 
     def show() -> None:
         while True:
