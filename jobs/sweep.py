@@ -17,6 +17,7 @@ from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.io.weights import EncoderLoadError, resolve_encoder
 from transfgu_dist.pipeline.cli import ask_for_token_auth, ctrl_c, help_epilog, ray_console, user_error
+from transfgu_dist.pipeline.failures import Reported
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transfgu_dist.pipeline.sweep import run_sweep
 
     kept = f"the finished trials under {base.output} (a rerun resumes the sweep)"
-    with ctrl_c(lambda: kept, argv), ray_console(args):
+    with Reported(args.debug) as failure, ctrl_c(lambda: kept, argv), ray_console(args):
+        failure.stage = "sweep"
         summary = run_sweep(spec, base, trial, base.output)
     print(json.dumps(summary, indent=2, default=str))
     print(f"best config: {storage.join(base.output, 'best.yaml')}")

@@ -130,6 +130,8 @@ SMALL = [
     "train.batch_size=6",
     "pseudo.batch_size=4",
 ]
+# the shared run (e2e_run): SMALL with the linear probe; a rerun of its output names the same settings
+E2E = [*SMALL, "probe.enabled=true", "probe.epochs=3", "probe.lr=0.01"]
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +189,7 @@ def e2e_run(tmp_path_factory):
     from pathlib import Path
 
     out = tmp_path_factory.mktemp("e2e")
-    log = job("run_all", f"output={out}", *SMALL, "probe.enabled=true", "probe.epochs=3", "probe.lr=0.01")
+    log = job("run_all", f"output={out}", *E2E)
     (Path(out) / "console.log").write_text(log)
     assert "mIoU" in log and "stage wall times" in log
     return Path(out)

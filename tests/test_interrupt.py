@@ -12,11 +12,6 @@ from conftest import ROOT, SMALL
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.skip(
-    reason="SIGINT to the process group also reaches the local Ray's raylet and GCS started by the driver; when they "
-    "stop before the driver's handler runs, Ray's core worker ends the driver with status 1 and no line (seen on a "
-    "loaded 2-core machine: exit 1 after 30 s); skipped: 100 s of the suite's time for a known failure"
-)
 def test_ctrl_c_is_one_line_exit_130_and_marks_the_runs_killed(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -76,7 +76,8 @@ def test_folder_run_is_described_not_scored_and_its_model_is_on_the_parent_run(a
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     assert metrics["scored"] is False and metrics["n_images"] == 14 and "miou" not in metrics
     assert metrics["bad_images"] == [str(photos / "corrupt.jpg")]
-    assert (out / "features" / "bad_images.txt").read_text() == str(photos / "corrupt.jpg")  # the path, not an id
+    path, reason = (out / "features" / "bad_images.txt").read_text().split("\t")
+    assert path == str(photos / "corrupt.jpg") and reason  # the file's path (not an id), the reason
     pixels = np.array([c["pixels"] for c in metrics["clusters"]])
     assert pixels.sum() == 14 * 64 * 64  # every pixel of every readable image at the eval size, in one cluster
     np.testing.assert_allclose([c["pixel_share"] for c in metrics["clusters"]], pixels / pixels.sum())

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SMALL, free_port, job
+from conftest import E2E, SMALL, free_port, job
 
 from transfgu_dist.config import ARCHS, load_config
 from transfgu_dist.io.parts import list_values, read_table, write_part
@@ -106,7 +106,7 @@ def test_mlflow_tracks_every_stage(run_dir):
 
 def test_rerun_skips_committed_stages(run_dir, shared_ray):
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")}
-    log = job("run_all", f"output={run_dir}", *SMALL, env={"RAY_ADDRESS": shared_ray})
+    log = job("run_all", f"output={run_dir}", *E2E, env={"RAY_ADDRESS": shared_ray})
     assert "mIoU" in log
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.parquet")} == before
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, job
+from conftest import E2E, SMALL, job
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("jobs_join_shared_ray")]
@@ -40,7 +40,7 @@ def attempt(stage: str, *args: str) -> tuple[int, str]:
 
 def fails_in_one_line(case: str, stage: str, *args: str) -> str:
     """The job exits 2 with one `error:` line and no traceback; returns the line."""
-    rc, err = attempt(stage, *args, *SMALL)
+    rc, err = attempt(stage, *args, *E2E)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     shown = errors[0] if errors else (err.strip().splitlines() or [""])[-1]
     print(f"\n{case}: exit {rc}, {err.count('Traceback')} tracebacks, {len(err.splitlines())} stderr lines: {shown}")
@@ -189,7 +189,7 @@ def test_speed_only_keys_leave_the_outputs_unchanged(e2e_run, tmp_path):
         )
 
     out = copy(e2e_run, tmp_path / "train", "data", "features", "concepts", "bank")
-    job("run_all", f"output={out}", *SMALL, *(f"{k}={v}" for k, v in changed.items()))
+    job("run_all", f"output={out}", *E2E, *(f"{k}={v}" for k, v in changed.items()))
     for name in ("final.pt", "best.pt"):
         assert decoder_hash(out / "bootstrap" / name) == decoder_hash(e2e_run / "bootstrap" / name), name
     scored, clean = (json.loads((d / "evaluate" / "metrics.json").read_text()) for d in (out, e2e_run))

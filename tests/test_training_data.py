@@ -63,6 +63,17 @@ def test_cache_holds_the_per_epoch_decode(tmp_path, profile, image):
         assert np.array_equal(cached / np.float32(255), today)
 
 
+def test_an_empty_bank_part_caches_as_an_empty_part(tmp_path):
+    """A bank part with no rows (its only image unreadable at pseudo_label) decodes to an empty part, not a crash."""
+    cfg = config(tmp_path, str(tmp_path / "out"))
+    kept, bad = decode_rows(pa.table({"image_id": pa.array([], pa.string()), "path": pa.array([], pa.string())}), cfg)
+    assert (
+        kept.num_rows == 0
+        and bad == {}
+        and kept.schema.field("image").type == parts.fixed_list(np.zeros((0, 48 * 48 * 3), np.uint8), pa.uint8()).type
+    )
+
+
 def test_cache_on_s3_is_resumable_and_rebuilt_for_another_size(tmp_path, shared_ray, s3_bucket):
     """Built on an s3:// output in the bank's row order, paths kept relative; a part lost before the commit is
     redone alone; a committed cache of another training size is rebuilt."""

@@ -69,7 +69,8 @@ def load_images(
             images.append(np.zeros((*size, 3), dtype))
             ok.append(False)
             errors.append(" ".join(str(e).split()))
-    return {**batch, "image": np.stack(images), "ok": np.array(ok), "error": np.array(errors, dtype=object)}
+    stacked = np.stack(images) if images else np.zeros((0, *size, 3), dtype)
+    return {**batch, "image": stacked, "ok": np.array(ok, dtype=bool), "error": np.array(errors, dtype=object)}
 
 
 def images_to_device(batch: dict[str, np.ndarray], dev: torch.device) -> torch.Tensor:

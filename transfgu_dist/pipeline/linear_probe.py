@@ -24,6 +24,7 @@ from transfgu_dist.io.weights import build_encoder
 from transfgu_dist.method.encoder import normalize
 from transfgu_dist.method.precision import autocast
 from transfgu_dist.method.probe import LinearProbe, probe_step
+from transfgu_dist.pipeline.ray_setup import fit
 from transfgu_dist.pipeline.scoring import val_dataset
 
 PROBE_FILE = "linear_probe.pt"
@@ -79,7 +80,7 @@ def train_probe(cfg: Config, out: StageOutput) -> tuple[LinearProbe, dict[str, f
         ),
         run_config=ray.train.RunConfig(name="linear_probe", storage_path=path, storage_filesystem=fs),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "probe.pt", map_location="cpu", weights_only=True)
     probe = new_probe(cfg)

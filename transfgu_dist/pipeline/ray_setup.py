@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
+from typing import Any
 
 import ray
 
@@ -40,3 +42,24 @@ def keep_idle_workers(seconds: int = 60) -> None:
     Ray's 1 s, so each epoch's and stage's Ray Data tasks reuse warm processes instead of spawning and importing
     torch again (a fresh worker spends seconds importing torch; a warm one starts its task at once)."""
     os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", str(seconds * 1000))
+
+
+def fit(trainer: Any) -> Any:
+    """`trainer.fit()` (a Ray Train trainer or a Ray Tune Tuner) on a helper thread while the main thread waits.
+    Called on the main thread, both install their own SIGINT handler (Ray Train never restores the previous one), so
+    Ctrl-C would abort through Ray instead of reaching cli.ctrl_c (one line, exit 130)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 (re-raised on the main thread)
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -23,7 +23,9 @@ from ray import tune
 from transfgu_dist.config import Config, worker_range
 from transfgu_dist.io import storage
 from transfgu_dist.pipeline import settings_guard, tracking
+from transfgu_dist.pipeline.ray_setup import fit
 from transfgu_dist.pipeline.results_table import aggregate, aggregate_metrics, markdown, table_metrics
+from transfgu_dist.pipeline.training_data import build_cache
 
 SEEDED = ("bootstrap", "evaluate")  # the stages run once per seed
 TRIAL_CPUS = 0.1  # a seed's trial driver; its Train workers and Ray Data tasks ask for their own
@@ -75,13 +77,14 @@ def run_seeds(cfg: Config) -> dict[str, Any]:
         )
     folder = storage.join(cfg.output, "seeds")
     path, fs = storage.ray_storage(folder)
+    build_cache(cfg)  # once, before the seeds read it in parallel
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_seed, base=cfg), {"cpu": TRIAL_CPUS}),
         param_space={"i": tune.grid_search(list(range(cfg.seeds)))},
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.seeds),
         run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs),
     )
-    results = sorted(tuner.fit(), key=lambda r: r.config["i"])
+    results = sorted(fit(tuner), key=lambda r: r.config["i"])
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} of {cfg.seeds} seeds failed; the first: {errors[0]}")

@@ -15,6 +15,7 @@ from transfgu_dist.config import Config, ConfigError
 from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline.cli import ask_for_token_auth, ctrl_c, parse_args, prepare, ray_console, user_error
+from transfgu_dist.pipeline.failures import Reported
 
 log = logging.getLogger("transfgu_dist")
 
@@ -113,7 +114,9 @@ def segmenter_job(job: str, description: str, apply: Callable[..., Any], argv: S
             check_writable("output", keys["output"])
     except (CheckpointError, ConfigError, BadImageError, StorageError, ValueError) as e:
         user_error(args, e)
-    return apply(seg, cfg, keys, args)
+    with Reported(args.debug) as failure:  # a failure while it runs: one line (pipeline.failures)
+        failure.stage = job
+        return apply(seg, cfg, keys, args)
 
 
 def _predict(seg: Any, cfg: Config, keys: dict[str, str], args: argparse.Namespace) -> Any:

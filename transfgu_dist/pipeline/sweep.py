@@ -21,6 +21,8 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from transfgu_dist.config import Config, ConfigError, dump_yaml, load_yaml, set_key, worker_range
 from transfgu_dist.io import storage
 from transfgu_dist.pipeline import tracking
+from transfgu_dist.pipeline.ray_setup import fit
+from transfgu_dist.pipeline.training_data import build_cache
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +176,7 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
             per_trial,
         )
     path, fs = storage.ray_storage(sweep_output)
+    build_cache(trial_base)  # the source's decoded training images, once, before the trials read them
     experiment = storage.join(sweep_output, "tune")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=trial_base, sweep_output=sweep_output), {"cpu": spec.trial_cpus}
@@ -207,7 +210,9 @@ def run_sweep(spec: SweepSpec, base: Config, trial_base: Config, sweep_output: s
                 ),
                 run_config=tune.RunConfig(name="tune", storage_path=path, storage_filesystem=fs, callbacks=[mlflow_cb]),
             )
-        results = tuner.fit()
+        results = fit(tuner)
+        if len(results.errors) == len(results):
+            raise RuntimeError(f"all {len(results)} trials failed; the first: {results.errors[0]}")
         best = results.get_best_result(spec.metric, spec.mode, scope="all")
         best_cfg = with_params(base, best.config, "best trial")
         best_cfg.output = storage.join(sweep_output, "best")

@@ -8,7 +8,8 @@ and stored as uint8 (H*W*3). Every epoch then reads these parts instead of decod
 
 uint8 rounds the resized values to the nearest 1/255 (at most 0.5/255 from the float the resize gives, exact when
 the image already has the training size or the resize is `nearest`). Images that can no longer be read are left
-out and listed as bad, as the per-epoch decode dropped them. The output lives at `<output>/train_images` under the
+out and listed as bad, as the per-epoch decode dropped them. The output lives beside the bank, at
+`<inputs root>/train_images` (the `source` when reused, so a sweep's trials and a run's seeds read one cache), under the
 stage output protocol (parts published whole, `_SUCCESS.json` last, on local disk or S3); an interrupted build
 resumes at the parts missing, and a cache made from another bank, size or resize rule is rebuilt.
 """
@@ -42,7 +43,7 @@ FOLDER = "train_images"
 
 
 def cache_output(cfg: Config) -> StageOutput:
-    return StageOutput(storage.join(cfg.output, FOLDER))
+    return StageOutput(storage.join(cfg.inputs_root, FOLDER))
 
 
 def cache_key(cfg: Config) -> dict:
@@ -69,7 +70,9 @@ def decode_rows(table: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, str]]
     images = to_uint8(batch["image"][ok])
     kept = table.filter(pa.array(ok))
     bad = {str(i): str(e) for i, e in zip(batch["image_id"][~ok], batch["error"][~ok])}
-    return kept.append_column("image", parts.fixed_list(images.reshape(len(images), -1), pa.uint8())), bad
+    return kept.append_column(
+        "image", parts.fixed_list(images.reshape(len(images), int(np.prod(images.shape[1:]))), pa.uint8())
+    ), bad
 
 
 def write_cache_parts(batch: dict[str, np.ndarray], cfg: Config, out_uri: str) -> dict[str, np.ndarray]:

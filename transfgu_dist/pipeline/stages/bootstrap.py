@@ -41,6 +41,7 @@ from transfgu_dist.pipeline import contract, settings_guard
 from transfgu_dist.pipeline.console import epoch_lines
 from transfgu_dist.pipeline.contract import StageResult
 from transfgu_dist.pipeline.epoch_timing import EpochClock
+from transfgu_dist.pipeline.ray_setup import fit
 from transfgu_dist.pipeline.scoring import val_dataset
 from transfgu_dist.pipeline.tracking import log_epoch
 from transfgu_dist.pipeline.training_data import (
@@ -282,7 +283,7 @@ def run_bootstrap(cfg: Config, mlflow_run: tuple[str, str] | None = None) -> Sta
     build_cache(cfg)
     settings_guard.prepare_train_dir(cfg)
     with epoch_lines(sum(cfg.train.round_epochs)) as reporter:  # one console line per epoch on the driver
-        result = make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run).fit()
+        result = fit(make_trainer(cfg, "bootstrap", callbacks=[reporter], mlflow_run=mlflow_run))
     if result.metrics and result.metrics.get("steps") == 0:
         raise storage.StorageError(
             cfg.data_root,
