@@ -16,8 +16,9 @@ from transfgu_dist.config import ConfigError, load_config
 from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.io.weights import EncoderLoadError, resolve_encoder
-from transfgu_dist.pipeline.cli import ask_for_token_auth, ctrl_c, help_epilog, ray_console, user_error
+from transfgu_dist.pipeline.cli import ask_for_token_auth, help_epilog, ray_console, user_error
 from transfgu_dist.pipeline.failures import Reported
+from transfgu_dist.pipeline.interrupt import ctrl_c
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,6 +47,19 @@ def _isolated_aws_env(mp: pytest.MonkeyPatch, tmp_dir: str) -> None:
     mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.path.join(tmp_dir, "aws-credentials-none"))
 
 
+@pytest.fixture(autouse=True)
+def mlflow_store_restored():
+    """mlflow.set_tracking_uri (a test's own, or an in-process stage's) also sets MLFLOW_TRACKING_URI in os.environ,
+    which every job a later test starts would inherit, logging into another test's store: put back after each test."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(saved)  # None: unset, as before the test
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """Start a real moto S3 server on 127.0.0.1:<free port>; yield its endpoint URL.

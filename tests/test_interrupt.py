@@ -1,4 +1,5 @@
-"""Ctrl-C during a run: one line (what was kept, the command that resumes), exit 130 within seconds, runs KILLED."""
+"""Ctrl-C during a run: one line (what was kept, the command that resumes), exit 130 within seconds, runs KILLED,
+the output's lease released."""
 
 import os
 import signal
@@ -50,3 +51,4 @@ def test_ctrl_c_is_one_line_exit_130_and_marks_the_runs_killed(tmp_path):
     status = {r.info.run_name: r.info.status for r in runs}
     assert status["run_all"] == "KILLED" and status["bootstrap"] == "KILLED", status
     assert status["extract"] == "FINISHED", status
+    assert not (out / "_LEASE.json").exists()  # released: a rerun resumes at once

@@ -7,9 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shlex
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
@@ -20,6 +18,7 @@ from transfgu_dist.io.storage_errors import StorageError
 from transfgu_dist.pipeline import contract, lease
 from transfgu_dist.pipeline.contract import STAGES, StageResult
 from transfgu_dist.pipeline.failures import Reported
+from transfgu_dist.pipeline.interrupt import ctrl_c
 
 log = logging.getLogger("transfgu_dist")
 
@@ -151,52 +150,6 @@ def ray_console(args: argparse.Namespace) -> Iterator[None]:
     init_ray(args.address, verbose=args.verbose)
     with native_ray_lines_hidden(not args.verbose):
         yield
-
-
-INTERRUPT_GRACE = 5.0  # seconds from Ctrl-C to the exit, whatever Ray and MLflow are still doing
-
-
-@contextlib.contextmanager
-def ctrl_c(
-    kept: Callable[[], str], argv: Sequence[str] | None, cut_short_cleanup: Callable[[], Any] | None = None
-) -> Iterator[None]:
-    """Ctrl-C in the block: one line on stderr (`kept()`: what was kept; the command that resumes) and exit status
-    130. The runs in progress are marked KILLED as the block unwinds (tracking.run); a shutdown that takes longer
-    than INTERRUPT_GRACE seconds from the signal is cut short after `cut_short_cleanup()` (run_all: its MLflow runs
-    marked KILLED)."""
-    import signal
-
-    said = threading.Lock()
-    command = " ".join(shlex.quote(a) for a in [sys.executable, sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
-
-    console = os.dup(2)  # the terminal, also while native_ray_lines_hidden filters fd 2
-
-    def say() -> None:
-        if said.acquire(blocking=False):
-            os.write(console, f"interrupted: kept {kept()}; resume with: {command}\n".encode())
-
-    def cut_short() -> None:
-        say()
-        with contextlib.suppress(Exception):
-            if cut_short_cleanup is not None:
-                cut_short_cleanup()
-        os._exit(130)
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        timer = threading.Timer(INTERRUPT_GRACE, cut_short)
-        timer.daemon = True
-        timer.start()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    except KeyboardInterrupt:
-        say()
-        raise SystemExit(130) from None
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        os.close(console)
 
 
 def check_output(cfg: Config, stages: Sequence[str]) -> None:

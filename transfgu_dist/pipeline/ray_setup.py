@@ -47,7 +47,7 @@ def keep_idle_workers(seconds: int = 60) -> None:
 def fit(trainer: Any) -> Any:
     """`trainer.fit()` (a Ray Train trainer or a Ray Tune Tuner) on a helper thread while the main thread waits.
     Called on the main thread, both install their own SIGINT handler (Ray Train never restores the previous one), so
-    Ctrl-C would abort through Ray instead of reaching cli.ctrl_c (one line, exit 130)."""
+    Ctrl-C would abort through Ray instead of reaching interrupt.ctrl_c (one line, exit 130)."""
     box: dict[str, Any] = {}
 
     def run() -> None:

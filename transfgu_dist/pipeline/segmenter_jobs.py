@@ -14,8 +14,9 @@ from typing import Any
 from transfgu_dist.config import Config, ConfigError
 from transfgu_dist.io import storage
 from transfgu_dist.io.storage_errors import StorageError
-from transfgu_dist.pipeline.cli import ask_for_token_auth, ctrl_c, parse_args, prepare, ray_console, user_error
+from transfgu_dist.pipeline.cli import ask_for_token_auth, parse_args, prepare, ray_console, user_error
 from transfgu_dist.pipeline.failures import Reported
+from transfgu_dist.pipeline.interrupt import ctrl_c
 
 log = logging.getLogger("transfgu_dist")
 
