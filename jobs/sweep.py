@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transfgu_dist.pipeline.sweep import run_sweep
 
     kept = f"the finished trials under {base.output} (a rerun resumes the sweep)"
-    with Reported(args.debug) as failure, ctrl_c(lambda: kept, argv), ray_console(args):
-        failure.stage = "sweep"
+    with Reported(args.debug, "sweep"), ctrl_c(lambda: kept, argv), ray_console(args):
         summary = run_sweep(spec, base, trial, base.output)
     print(json.dumps(summary, indent=2, default=str))
     print(f"best config: {storage.join(base.output, 'best.yaml')}")

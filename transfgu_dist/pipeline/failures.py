@@ -79,10 +79,10 @@ def report(error: BaseException, stage: str) -> int:
 
 class Reported:
     """Context manager around a job's stages: an exception leaving it is reported (`report`) and the job exits with
-    its status, unless `debug`. Set `stage` to the stage running."""
+    its status, unless `debug`. `stage`: what runs in it (a job with stages sets it to the stage running)."""
 
-    def __init__(self, debug: bool):
-        self.debug, self.stage = debug, "driver"
+    def __init__(self, debug: bool, stage: str = "driver"):
+        self.debug, self.stage = debug, stage
 
     def __enter__(self) -> Reported:
         return self

@@ -115,8 +115,7 @@ def segmenter_job(job: str, description: str, apply: Callable[..., Any], argv: S
             check_writable("output", keys["output"])
     except (CheckpointError, ConfigError, BadImageError, StorageError, ValueError) as e:
         user_error(args, e)
-    with Reported(args.debug) as failure:  # a failure while it runs: one line (pipeline.failures)
-        failure.stage = job
+    with Reported(args.debug, job):  # a failure while it runs: one line (pipeline.failures)
         return apply(seg, cfg, keys, args)
 
 
